@@ -1,0 +1,1 @@
+"""bench: one protocol for absorbing-diffusion and autoregressive token priors (see README.md)."""

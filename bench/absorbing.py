@@ -1,0 +1,103 @@
+"""Absorbing-state diffusion over tokens (Bond-Taylor et al., ECCV 2022): the training loss and the
+paper's sampler, following the official code's behaviour.
+
+Forward process: at time t in 1..T every token is replaced by the mask id with probability t/T.
+Sampling with S steps: all tokens start masked; for t = S..1 each still-masked token is unmasked
+with probability 1/t (so t = 1 unmasks all that remain); every step runs one full denoiser pass,
+draws every position from softmax(logits / temperature) and writes only the newly unmasked ones.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BenchError
+from .models import Transformer
+from .samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+
+LOSS_TYPES = ("elbo", "reweighted_elbo", "mlm")
+
+
+def mask_tokens(x0: torch.Tensor, t: torch.Tensor, total_steps: int, mask_id: int,
+                generator: torch.Generator | None = None):
+    """q(x_t | x_0): each token masked with probability t / T. -> (x_t, mask)."""
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    mask = u < (t.float().unsqueeze(-1) / total_steps)
+    return x0.masked_fill(mask, mask_id), mask
+
+
+def loss_from_logits(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                     total_steps: int, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (loss, vb_loss) as in the official code, both (B,).
+
+    cross-entropy is summed over masked positions only. With L tokens and uniform t (p(t) = 1/T):
+      elbo:            CE / t * T / (L ln 2)                   (bits per token)
+      reweighted_elbo: (1 - t/T) * CE / (L ln 2)               (the paper's default)
+      mlm:             CE / (number of masked tokens, at least 1)
+    vb_loss is always the elbo term, for reporting.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise BenchError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    L = x0.shape[1]
+    target = x0.masked_fill(~mask, -1)
+    ce = F.cross_entropy(logits.permute(0, 2, 1), target, ignore_index=-1, reduction="none").sum(1)
+    t = t.float()
+    vb = ce / t * total_steps / (math.log(2) * L)
+    if loss_type == "elbo":
+        loss = vb
+    elif loss_type == "reweighted_elbo":
+        loss = (1 - t / total_steps) * ce / (math.log(2) * L)
+    else:
+        loss = ce / mask.float().sum(1).clamp(min=1)
+    return loss, vb
+
+
+def training_loss(denoiser: Transformer, x0: torch.Tensor, loss_type: str, total_steps: int,
+                  generator: torch.Generator | None = None):
+    """One training loss: t uniform in 1..T, mask, denoise, score. -> (mean loss, mean vb_loss)."""
+    b = x0.shape[0]
+    t = torch.randint(1, total_steps + 1, (b,), generator=generator, device=x0.device)
+    x_t, mask = mask_tokens(x0, t, total_steps, denoiser.cfg.mask_id, generator)
+    loss, vb = loss_from_logits(denoiser(x_t), x0, mask, t, total_steps, loss_type)
+    return loss.mean(), vb.mean()
+
+
+class AbsorbingSampler(Sampler):
+    name = "absorbing"
+
+    def __init__(self, denoiser: Transformer):
+        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size)
+        self.denoiser = denoiser.eval()
+        self.mask_id = denoiser.cfg.mask_id
+
+    @torch.no_grad()
+    def sample(self, noise: SampleNoise, settings: SamplerSettings, trace: list | None = None) -> torch.Tensor:
+        """trace, when given, receives the boolean mask of newly unmasked positions at each step."""
+        self.check(settings)
+        B, L = len(noise), self.seq_len
+        x = torch.full((B, L), self.mask_id, dtype=torch.long, device=noise.device)
+        unmasked = torch.zeros((B, L), dtype=torch.bool, device=noise.device)
+        for t in range(settings.steps, 0, -1):
+            changes = (noise.rand(L) < 1.0 / t) & ~unmasked
+            unmasked |= changes
+            logits = self.denoiser(x)
+            draws = draw_tokens(logits, noise.rand(L), settings.temperature, settings.top_k, settings.top_p)
+            x = torch.where(changes, draws, x)
+            if trace is not None:
+                trace.append(changes.clone())
+        return x
+
+    def nfe(self, settings: SamplerSettings) -> int:
+        return settings.steps
+
+    def execution(self) -> str:
+        return "paper/official: unmask each masked token w.p. 1/t, full denoiser pass every step, fp32"
+
+
+@register_sampler("absorbing")
+def _absorbing(priors: dict, device="cpu") -> Sampler:
+    if "absorbing" not in priors:
+        raise BenchError("sampler 'absorbing' needs an absorbing prior; set priors.absorbing for this dataset in bench.toml")
+    return AbsorbingSampler(priors["absorbing"].to(device))

@@ -1,0 +1,117 @@
+"""Harness checkpoints: <stem>.safetensors (tensors only) beside <stem>.json (kind, hyperparameters,
+training record). Built-in checkpoints live in bench/weights/ and are named `builtin:digits/vq`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import BenchError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUILTIN = "builtin:"
+
+
+def resolve(stem: str | os.PathLike) -> Path:
+    """'builtin:digits/vq' -> bench/weights/digits/vq; paths are returned as given (no suffix)."""
+    s = str(stem)
+    if s.startswith(BUILTIN):
+        return WEIGHTS_DIR / s[len(BUILTIN):]
+    return Path(s).with_suffix("") if s.endswith((".safetensors", ".json")) else Path(s)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and checkpoints are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(stem: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
+    """meta must hold `kind` (vq, absorbing, autoregressive, extractor) and `hparams`."""
+    path = resolve(stem)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path.with_suffix(".safetensors"))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_checkpoint(stem: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict]:
+    """-> (state_dict, meta). Errors name the file and what was expected."""
+    path = resolve(stem)
+    tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for f in (tensors_file, meta_file):
+        if not f.is_file():
+            raise BenchError(f"checkpoint file {f} not found; train it with `bench train` or fix the path in bench.toml")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BenchError(f"checkpoint metadata {meta_file} is not valid JSON ({e})") from None
+    if kind is not None and meta.get("kind") != kind:
+        raise BenchError(f"checkpoint {meta_file} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    try:
+        state = load_file(str(tensors_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BenchError(f"checkpoint {tensors_file} is unreadable or truncated ({e})") from None
+    return state, meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(stem: str | os.PathLike) -> str:
+    if str(stem).endswith(".th"):  # an official Unleashing Transformers file (bench.official)
+        return file_sha256(stem)
+    return file_sha256(resolve(stem).with_suffix(".safetensors"))
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with an error that names the file and the first mismatches."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:2]}")
+        raise BenchError(f"checkpoint {source} does not fit its model config: " + "; ".join(parts))
+    module.load_state_dict(state)

@@ -1,0 +1,436 @@
+"""The `bench` command line. Exit codes: 0 success, 1 a check failed, 2 bad input or usage."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import BenchError
+
+
+def _user_errors(fn):
+    """Turn BenchError into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BenchError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _str_list(ctx, param, value):
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                             help="Protocol file  [default: bench.toml of the project]")
+profile_option = click.option("--profile", default=None, help="Overlay [profiles.NAME] of the config.")
+
+
+@click.group()
+@click.version_option(package_name="bench")
+def main():
+    """Evaluate absorbing-diffusion and autoregressive token priors under one protocol."""
+
+
+@main.command()
+@click.option("--dataset", default=None, help="Dataset of the config  [default: run.dataset, digits]")
+@config_option
+@profile_option
+@click.option("--samplers", callback=_str_list, default=None, help="Comma-separated subset of the rows, e.g. absorbing,data")
+@click.option("--steps", callback=_int_list, default=None, help="Comma-separated step counts, overriding the sweep's")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Generated samples per row  [default: from config]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: run.device]")
+@click.option("--run-name", default=None, help="Folder name of the run  [default: a timestamp]")
+@click.option("--resume", is_flag=True, help="Continue an unfinished run, keeping its finished rows.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def run(dataset, config_path, profile, samplers, steps, num_samples, device, run_name, resume, force, quiet):
+    """Run the whole protocol and write results/<dataset>/<run-name>/."""
+    from .config import load_config
+    from .protocol import RunRequest, run as run_protocol
+    cfg = load_config(config_path, profile)
+    req = RunRequest(dataset, samplers, steps, num_samples, device, run_name, resume, force, not quiet)
+    run_dir = run_protocol(cfg, req)
+    click.echo((run_dir / "results.md").read_text())
+    click.echo(f"wrote {run_dir}")
+
+
+@main.command()
+@click.option("--dataset", default="digits", show_default=True)
+@click.option("--model", type=click.Choice(["vq", "absorbing", "autoregressive", "extractor"]), required=True)
+@click.option("--out", default=None, help="Checkpoint stem  [default: builtin:<dataset>/<model>, the shipped one]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps  [default: the shipped recipe]")
+@config_option
+@_user_errors
+def train(dataset, model, out, seed, steps, config_path):
+    """Train a digits model; the defaults reproduce the shipped checkpoint."""
+    from .config import load_config
+    from . import train as training
+    cfg = load_config(config_path)
+    ds = cfg.dataset(dataset)
+    if ds.kind != "digits":
+        raise BenchError(f"bench train supports the embedded digits data only; {dataset!r} is {ds.kind!r}")
+    out = out or f"builtin:{dataset}/{model}"
+    record = training.train_model(cfg, ds, model, out, seed, steps)
+    click.echo(f"wrote {out}: {record}")
+
+
+@main.command()
+@click.option("--sampler", required=True, help="absorbing, autoregressive, maskgit, random-codes, ...")
+@click.option("--dataset", default=None)
+@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--num", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample indices first-index .. first-index+num-1")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
+@config_option
+@_user_errors
+def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_index, batch_size, device, out,
+           config_path):
+    """Draw samples: FILE.npz holds `tokens` (N, h, w) int64 and `images` (N, H, W, C) uint8."""
+    import numpy as np
+    from .checkpoints import atomic_write_bytes
+    from .config import load_config
+    from .protocol import load_pipeline
+    from .samplers import SamplerSettings, generate
+    import io
+    cfg = load_config(config_path)
+    ds = cfg.dataset(dataset)
+    pipe = load_pipeline(cfg, ds, device or cfg.run["device"], [sampler])
+    s = pipe.make_sampler(sampler)
+    settings = SamplerSettings(sampler, steps if s.takes_steps else None, temperature, top_k, top_p)
+    tokens = generate(s, settings, seed, range(first_index, first_index + num), batch_size, pipe.device)
+    images = np.concatenate([pipe.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
+    hw = pipe.vq.cfg.latent_hw
+    buf = io.BytesIO()
+    np.savez(buf, tokens=tokens.reshape(-1, hw, hw), images=images, seed=seed,
+             indices=np.arange(first_index, first_index + num))
+    atomic_write_bytes(Path(out), buf.getvalue())
+    click.echo(f"wrote {out}: tokens {tokens.reshape(-1, hw, hw).shape}, images {images.shape} ({settings.label()})")
+
+
+@main.command()
+@config_option
+@_user_errors
+def datasets(config_path):
+    """What is configured, and whether its files are present."""
+    from .config import load_config, dataset_path
+    from .data import describe_source
+    cfg = load_config(config_path)
+    for name, ds in cfg.datasets.items():
+        click.echo(f"{name} ({ds.kind}, {ds.resolution}px, extractor {ds.extractor}, tokenizer {ds.tokenizer})")
+        if ds.kind == "digits":
+            click.echo(f"  {describe_source('digits', ds.source)}")
+            continue
+        for split in ("train", "heldout"):
+            try:
+                path = dataset_path(cfg, ds, split)
+                line = describe_source(ds.kind, {**ds.source, 'path': str(path)})
+                if not path.exists():
+                    line += f"; {_where_to_set(cfg, ds, split, ds.splits[split])}"
+                click.echo(f"  {split}: {line}")
+            except BenchError as e:
+                click.echo(f"  {split}: not available: {e}")
+        _echo_checkpoints(cfg, ds)
+
+
+def _where_to_set(cfg, ds, key: str, written: str) -> str:
+    """What to change for a missing file: the environment variables its path uses, or the key."""
+    import re
+    names = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", written)
+    via = f"${', $'.join(names)} or " if names else ""
+    return f"set {via}datasets.{ds.name}.{key} (= {written!r}) in {cfg.path}"
+
+
+def _echo_checkpoints(cfg, ds) -> None:
+    """The tokenizer and priors of a dataset, and whether their files are present."""
+    from .checkpoints import resolve
+    from .config import checkpoint_path
+    entries = [("tokenizer", ds.tokenizer)] + [(f"priors.{kind}", stem) for kind, stem in ds.priors.items()]
+    for key, written in entries:
+        try:
+            stem = checkpoint_path(cfg, ds, written, key)
+        except BenchError as e:
+            click.echo(f"  {key}: not available: {e}")
+            continue
+        files = [Path(stem)] if stem.endswith(".th") else [resolve(stem).with_suffix(s) for s in (".safetensors", ".json")]
+        missing = [f for f in files if not f.is_file()]
+        what = "official checkpoint" if stem.endswith(".th") else "checkpoint"
+        if missing:
+            click.echo(f"  {key}: {what} {missing[0]} (missing); {_where_to_set(cfg, ds, key, written)}")
+        else:
+            click.echo(f"  {key}: {what} {files[0]} (present)")
+
+
+@main.command()
+@click.option("--from", "source", type=click.Choice(["official-ut"]), required=True,
+              help="official-ut: the files of github.com/samb-t/unleashing-transformers")
+@click.option("--vqgan", type=click.Path(dir_okay=False), required=True, help="vqgan_ema_<step>.th")
+@click.option("--absorbing", type=click.Path(dir_okay=False), default=None, help="absorbing_ema_<step>.th")
+@click.option("--autoregressive", type=click.Path(dir_okay=False), default=None, help="autoregressive_ema_<step>.th")
+@click.option("--preset", default=None, help="Official hyperparameters of a dataset: churches, bedrooms, ffhq")
+@click.option("--hparams", "hparams_file", type=click.Path(dir_okay=False), default=None,
+              help="FILE.json: an object of official flag names (nf, ch_mult, bert_n_layers, ...); "
+                   "\"dataset\": \"churches\" starts from that preset")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the harness checkpoints vq, absorbing, autoregressive (.safetensors + .json)")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Also load files whose pickle needs more than tensors (this runs code from the file).")
+@_user_errors
+def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out, trust_checkpoint):
+    """Convert official checkpoints to the harness format (tensors and hyperparameters only)."""
+    import json
+    from .official import convert_official
+    if (preset is None) == (hparams_file is None):
+        raise BenchError("give exactly one of --preset NAME and --hparams FILE.json")
+    hparams = preset
+    if hparams_file is not None:
+        try:
+            hparams = json.loads(Path(hparams_file).read_text())
+        except FileNotFoundError:
+            raise BenchError(f"hyperparameter file {hparams_file} not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BenchError(f"hyperparameter file {hparams_file} is not valid JSON ({e})") from None
+        if not isinstance(hparams, dict):
+            raise BenchError(f"hyperparameter file {hparams_file} must hold a JSON object of official flags")
+    written = convert_official(vqgan, absorbing, autoregressive, hparams=hparams, out_dir=out,
+                               trust=trust_checkpoint)
+    inputs = {"vq": vqgan, "absorbing": absorbing, "autoregressive": autoregressive}
+    for kind, stem in written.items():
+        click.echo(f"wrote {stem}.safetensors and .json ({kind}, from {inputs[kind]})")
+
+
+def _results_dir(cfg) -> Path:
+    return Path(cfg.run["results_dir"])
+
+
+@main.command()
+@click.argument("run_dir", required=False)
+@click.option("--dataset", default=None, help="Where to look for the latest run  [default: run.dataset]")
+@config_option
+@_user_errors
+def figures(run_dir, dataset, config_path):
+    """Rebuild the tables and figures of a stored run from its results alone."""
+    from .compare import find_run
+    from .config import load_config
+    from .report import write_all
+    from .results import load_run
+    cfg = load_config(config_path)
+    run_dir = find_run(_results_dir(cfg), dataset or cfg.run["dataset"], run_dir)
+    manifest, rows = load_run(run_dir)
+    for path in write_all(run_dir, manifest, rows):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("run_dir", required=False)
+@click.option("--dataset", default=None, help="Dataset whose runs REF and RUN name  [default: run.dataset]")
+@click.option("--allow-mismatch", is_flag=True, help="Compare runs whose protocols differ.")
+@click.option("--json", "as_json", is_flag=True)
+@config_option
+@_user_errors
+def compare(ref, run_dir, dataset, allow_mismatch, as_json, config_path):
+    """Side-by-side deltas of RUN (default: the latest) against stored run REF (a path or a name
+    under results/<dataset>/, e.g. `paper` or `baseline`)."""
+    import json
+    from .compare import compare_runs, find_run, format_comparison
+    from .config import load_config
+    cfg = load_config(config_path)
+    dataset = dataset or cfg.run["dataset"]
+    ref_dir = find_run(_results_dir(cfg), dataset, ref)
+    run_dir = find_run(_results_dir(cfg), dataset, run_dir)
+    cmp = compare_runs(ref_dir, run_dir, cfg.thresholds.get(dataset, {}), allow_mismatch)
+    click.echo(json.dumps(cmp, indent=2) if as_json else format_comparison(cmp))
+
+
+@main.command()
+@click.argument("run_dir", required=False)
+@click.option("--dataset", default=None, help="[default: the run's dataset, else run.dataset]")
+@click.option("--baseline", default="baseline", show_default=True,
+              help="Stored run to compare against, a path or a name under results/<dataset>/")
+@click.option("--json", "as_json", is_flag=True)
+@config_option
+@_user_errors
+def check(run_dir, dataset, baseline, as_json, config_path):
+    """Exit 1 where a threshold of bench.toml is breached, else 0."""
+    import json
+    from .compare import check_run, find_run
+    from .config import load_config
+    from .results import load_run
+    cfg = load_config(config_path)
+    run_dir = find_run(_results_dir(cfg), dataset or cfg.run["dataset"], run_dir)
+    dataset = load_run(run_dir)[0]["dataset"]
+    thresholds = cfg.thresholds.get(dataset)
+    if not thresholds:
+        raise BenchError(f"{cfg.path} sets no [thresholds.{dataset}]; nothing to check")
+    base = None
+    try:
+        base = find_run(_results_dir(cfg), dataset, baseline)
+    except BenchError:
+        if baseline != "baseline":
+            raise
+    result = check_run(run_dir, thresholds, base)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"check {run_dir} against {base or 'no baseline'}")
+        for line in result["checks"]:
+            click.echo(f"  {line}")
+        for line in result["failures"]:
+            click.echo(f"  FAILED: {line}")
+        click.echo("passed" if result["passed"] else f"failed: {len(result['failures'])} breach(es)")
+    sys.exit(0 if result["passed"] else 1)
+
+
+
+def _config_if_any(config_path):
+    """The config when one is given or found; None where bench runs outside a project."""
+    from .config import DEFAULT_CONFIG, load_config
+    if config_path is None and not Path("bench.toml").is_file() and not DEFAULT_CONFIG.is_file():
+        return None
+    return load_config(config_path)
+
+
+@main.command("features")
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.option("--extractor", "extractor_name", required=True,
+              help="digits, inception-v3-compat, clip or dinov2")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz to write")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Images are resized (shorter side) and centre-cropped to this side  [default: the extractor's "
+                   "input size (digits: 16); for extractors that resize themselves, the first image's shorter "
+                   "side, so same-sized square images pass unchanged]")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True,
+              help="Decode as grey (1) or RGB (3)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--weights", default=None,
+              help="Extractor weights  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "
+                   "or the caches; clip/dinov2: $BENCH_CLIP_WEIGHTS / $BENCH_DINOV2_WEIGHTS]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_option
+@_user_errors
+def features_command(images_dir, extractor_name, out, resolution, channels, batch_size, device, weights, quiet,
+                     config_path):
+    """Features of every image under IMAGES_DIR (recursively, sorted by path).
+
+    FILE.npz holds `features` (N, D) float64, `files` (relative paths, in the same order),
+    `extractor`, `weights_sha256`, `resolution` and `channels`."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from .checkpoints import atomic_write_bytes
+    from .config import expand_path
+    from .data import FolderImages
+    from .features import extract_features, load_extractor
+    from .inception import NAME as INCEPTION
+    channels = int(channels)
+    if weights is None and extractor_name == INCEPTION:
+        cfg = _config_if_any(config_path)
+        if cfg is not None and cfg.metrics.get("inception_weights"):
+            weights = expand_path(cfg.metrics["inception_weights"], "metrics.inception_weights", str(cfg.path))
+    ext = load_extractor(extractor_name, device, weights_path=weights)
+    if channels not in ext.channels:
+        raise BenchError(f"extractor {ext.name!r} takes {ext.channels} channels, not {channels}")
+    if resolution is None:
+        resolution = ext.resolution
+    if resolution is None:
+        first = FolderImages(images_dir, resolution=1, channels=channels).files[0]
+        try:
+            with Image.open(first) as image:
+                resolution = min(image.size)
+        except OSError as e:
+            raise BenchError(f"cannot read image {first} ({e}); pass --resolution") from None
+    images = FolderImages(images_dir, resolution=resolution, channels=channels)
+
+    def batches():
+        for start in range(0, len(images), batch_size):
+            yield np.stack([images[i] for i in range(start, min(start + batch_size, len(images)))])
+
+    feats = extract_features(ext, batches(), total=len(images), desc=ext.name, progress=not quiet)
+    files = [p.relative_to(images.root).as_posix() for p in images.files]
+    buf = io.BytesIO()
+    np.savez(buf, features=feats, files=np.array(files), extractor=np.array(ext.name),
+             weights_sha256=np.array(ext.weights_sha256), resolution=resolution, channels=channels)
+    atomic_write_bytes(Path(out), buf.getbuffer())
+    click.echo(f"wrote {out}: features {feats.shape} ({ext.name}, {resolution}px, {channels} channel(s))")
+
+
+def _load_feature_file(path: str) -> dict:
+    import zipfile
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise BenchError(f"feature file {path} not found") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BenchError(f"feature file {path} is not a readable .npz ({e})") from None
+    missing = [k for k in ("features", "extractor", "weights_sha256") if k not in data]
+    if missing:
+        raise BenchError(f"feature file {path} lacks {', '.join(missing)}; write it with `bench features`")
+    return {"features": data["features"], "extractor": str(data["extractor"]),
+            "weights_sha256": str(data["weights_sha256"])}
+
+
+@main.command()
+@click.argument("real", type=click.Path(dir_okay=False))
+@click.argument("fake", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--memorisation", is_flag=True, help="Also the memorisation score (REAL taken as the training set).")
+@config_option
+@_user_errors
+def score(real, fake, as_json, memorisation, config_path):
+    """Metrics of FAKE against REAL, two files written by `bench features` with the same extractor."""
+    import json
+    from .metrics import compute_metrics
+    r, f = _load_feature_file(real), _load_feature_file(fake)
+    if r["extractor"] != f["extractor"]:
+        raise BenchError(f"{real} holds {r['extractor']!r} features and {fake} {f['extractor']!r} features; "
+                         f"score features of the same extractor")
+    if r["weights_sha256"] != f["weights_sha256"]:
+        raise BenchError(f"{real} and {fake} used different {r['extractor']!r} weights "
+                         f"(sha256 {r['weights_sha256'][:12]}... vs {f['weights_sha256'][:12]}...)")
+    cfg = _config_if_any(config_path)
+    settings = {**cfg.metrics, "seed": cfg.run["seed"]} if cfg is not None else {}
+    settings["memorisation"] = memorisation
+    result = compute_metrics(f["features"], r["features"], settings)
+    if as_json:
+        click.echo(json.dumps({"real": real, "fake": fake, "extractor": r["extractor"],
+                               "weights_sha256": r["weights_sha256"], "n_real": len(r["features"]),
+                               "n_fake": len(f["features"]), **result}, indent=2))
+        return
+    click.echo(f"real  {real} ({len(r['features'])} samples)")
+    click.echo(f"fake  {fake} ({len(f['features'])} samples)")
+    click.echo(f"extractor {r['extractor']} (weights sha256 {r['weights_sha256'][:12]})")
+    for key, value in result.items():
+        click.echo(f"  {key:<16}{value:>12.6g}" if isinstance(value, float) else f"  {key:<16}{value:>12}")
+
+if __name__ == "__main__":
+    main()

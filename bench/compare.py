@@ -1,0 +1,132 @@
+"""`bench compare` and `bench check`: stored runs side by side, and the thresholds of bench.toml."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BenchError
+from .results import load_run, protocol_differences
+
+METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "img_per_s")
+# Stored runs that hold published numbers rather than a protocol run of this harness.
+READ_ONLY_RUNS = ("paper",)
+
+
+def find_run(results_dir: Path, dataset: str | None, name: str | None) -> Path:
+    """A run by path, by name under results/<dataset>/, or the latest finished run of the dataset."""
+    if name is not None:
+        p = Path(name)
+        if (p / "results.json").is_file() or (p.is_file() and p.name == "results.json"):
+            return p if p.is_dir() else p.parent
+        if dataset is not None and (results_dir / dataset / name / "results.json").is_file():
+            return results_dir / dataset / name
+        raise BenchError(f"no finished run at {name!r}"
+                         + (f" or {results_dir / dataset / name}" if dataset else "")
+                         + "; give a run directory holding results.json")
+    if dataset is None:
+        raise BenchError("no run given and no dataset to look in; pass a run directory")
+    runs = [p.parent for p in (results_dir / dataset).glob("*/results.json")
+            if p.parent.name not in READ_ONLY_RUNS + ("baseline",)]
+    if not runs:
+        raise BenchError(f"no finished run under {results_dir / dataset}; run `bench run --dataset {dataset}` first")
+    return max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
+
+
+def _delta(a, b):
+    if a is None or b is None:
+        return None, None
+    d = b - a
+    return d, (d / abs(a) if a else None)
+
+
+def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch: bool) -> dict:
+    """Rows shared by slug, with absolute and relative deltas of RUN against REF."""
+    ref_manifest, ref_rows = load_run(ref_dir)
+    manifest, rows = load_run(run_dir)
+    published = ref_manifest.get("kind") == "published" or manifest.get("kind") == "published"
+    diff = [] if published else protocol_differences(ref_manifest, manifest)
+    if diff and not allow_mismatch:
+        raise BenchError(f"runs {ref_dir} and {run_dir} follow different protocols ({'; '.join(diff)}); "
+                         f"pass --allow-mismatch to compare anyway")
+    same_device = ref_manifest.get("device") == manifest.get("device")
+    ref_by = {r["slug"]: r for r in ref_rows}
+    out = []
+    for row in rows:
+        ref = ref_by.get(row["slug"])
+        if ref is None:
+            continue
+        entry = {"slug": row["slug"], "label": row.get("label", row["slug"]), "metrics": {}}
+        for m in METRICS:
+            a, b = ref.get(m), row.get(m)
+            if a is None and b is None:
+                continue
+            d, rel = _delta(a, b)
+            flag = False
+            if m == "fid" and rel is not None and thresholds.get("fid_regression") is not None:
+                flag = rel > thresholds["fid_regression"]
+            if m == "img_per_s" and rel is not None and thresholds.get("throughput_regression") is not None:
+                flag = same_device and -rel > thresholds["throughput_regression"]
+            entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag}
+        out.append(entry)
+    return {"ref": str(ref_dir), "run": str(run_dir), "protocol_differences": diff,
+            "same_device": same_device, "rows": out}
+
+
+def format_comparison(cmp: dict) -> str:
+    lines = [f"REF {cmp['ref']}", f"RUN {cmp['run']}"]
+    if cmp["protocol_differences"]:
+        lines.append("protocol differs: " + "; ".join(cmp["protocol_differences"]))
+    if not cmp["same_device"]:
+        lines.append("devices differ: throughput deltas are not judged")
+    lines.append("")
+    lines.append(f"| row | metric | REF | RUN | delta | rel |")
+    lines.append("|---|---|---|---|---|---|")
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    for entry in cmp["rows"]:
+        for m, v in entry["metrics"].items():
+            mark = " **!**" if v["beyond_threshold"] else ""
+            rel = "" if v["rel"] is None else f"{100 * v['rel']:+.1f}%"
+            lines.append(f"| {entry['label']} | {m} | {fmt(v['ref'])} | {fmt(v['run'])} | {fmt(v['delta'])} | {rel}{mark} |")
+    if not cmp["rows"]:
+        lines.append("(no rows in common)")
+    return "\n".join(lines) + "\n"
+
+
+def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dict:
+    """Every threshold of bench.toml for this run's dataset. -> {passed, failures, checks}."""
+    manifest, rows = load_run(run_dir)
+    failures, checks = [], []
+    by = {r["slug"]: r for r in rows}
+    for slug, ceiling in thresholds.get("fid_ceiling", {}).items():
+        row = by.get(slug)
+        if row is None:
+            failures.append(f"{slug}: no such row in the run (a ceiling is set for it)")
+            continue
+        ok = row.get("fid") is not None and row["fid"] <= ceiling
+        checks.append(f"{slug}: FID {row.get('fid'):.3f} <= ceiling {ceiling}: {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(f"{slug}: FID {row.get('fid'):.3f} above the ceiling {ceiling}")
+    if baseline_dir is not None and ({"fid_regression", "throughput_regression"} & set(thresholds)):
+        try:
+            cmp = compare_runs(baseline_dir, run_dir, thresholds, allow_mismatch=False)
+        except BenchError as e:
+            failures.append(f"baseline comparison impossible: {e}")
+            cmp = None
+        if cmp is not None:
+            if not cmp["rows"]:
+                failures.append(f"no rows in common with the baseline {baseline_dir}")
+            for entry in cmp["rows"]:
+                for m, v in entry["metrics"].items():
+                    if m not in ("fid", "img_per_s") or v["rel"] is None:
+                        continue
+                    if m == "img_per_s" and not cmp["same_device"]:
+                        continue
+                    status = "FAILED" if v["beyond_threshold"] else "ok"
+                    checks.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "
+                                  f"({100 * v['rel']:+.1f}%): {status}")
+                    if v["beyond_threshold"]:
+                        failures.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "
+                                        f"({100 * v['rel']:+.1f}%) beyond the threshold")
+            if not cmp["same_device"]:
+                checks.append("throughput not compared: the baseline ran on another device")
+    return {"run": str(run_dir), "baseline": str(baseline_dir) if baseline_dir else None,
+            "passed": not failures, "failures": failures, "checks": checks}

@@ -1,0 +1,400 @@
+"""Datasets: every source yields uint8 images of shape (H, W, C), indexable and sized.
+
+Kinds (the `kind` of a [datasets.NAME] table in bench.toml):
+- digits: scikit-learn's 8x8 handwritten digits (values 0..16), embedded, no files needed.
+- folder: any folder of images, searched recursively.
+- lsun: an LSUN LMDB whose values are encoded image bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import BenchError
+
+DIGITS_SPLITS = ("train", "heldout")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+ON_CORRUPT = ("error", "skip")
+
+
+class ArrayImages:
+    """Images held in memory as one uint8 array (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, content_id: str):
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise BenchError(f"expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}")
+        self.images = images
+        self._content_id = content_id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[3]
+
+    def content_id(self) -> str:
+        return self._content_id
+
+
+def upsample_digits(raw: np.ndarray, resolution: int) -> np.ndarray:
+    """(N, 8, 8) values 0..16 -> (N, R, R, 1) uint8.
+
+    Grey levels are scaled to 0..255 (v * 255 / 16), then resized with bilinear interpolation
+    (half-pixel centres, align_corners=False), and rounded. At R = 16 every source pixel becomes a
+    2x2 block blended with its neighbours, so strokes stay smooth rather than blocky.
+    """
+    x = torch.from_numpy(raw.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    if resolution != raw.shape[-1]:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def digits_split(split: str, resolution: int = 16, heldout_size: int = 500, split_seed: int = 0) -> ArrayImages:
+    """A fixed split of the 1797 digits: `heldout_size` images chosen by a seeded permutation are
+    held out; the rest ("train") train the models and serve as the metrics' reference."""
+    if split not in DIGITS_SPLITS:
+        raise BenchError(f"unknown digits split {split!r}; expected one of {DIGITS_SPLITS}")
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images  # (1797, 8, 8) float64 in 0..16
+    if not 0 < heldout_size < len(raw):
+        raise BenchError(f"digits heldout_size must lie in 1..{len(raw) - 1}, got {heldout_size}")
+    order = np.random.default_rng(split_seed).permutation(len(raw))
+    idx = np.sort(order[:heldout_size] if split == "heldout" else order[heldout_size:])
+    images = upsample_digits(raw[idx], resolution)
+    digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+    return ArrayImages(images, f"digits-{split}-{resolution}-{digest}")
+
+
+def digits_labels(split: str, heldout_size: int = 500, split_seed: int = 0) -> np.ndarray:
+    """Class labels in the same order as digits_split (used to train the digits extractor)."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    order = np.random.default_rng(split_seed).permutation(len(target))
+    idx = np.sort(order[:heldout_size] if split == "heldout" else order[heldout_size:])
+    return target[idx]
+
+
+# -----------------------------------------------------------------------------
+# real images: a folder of files, or an LSUN LMDB
+
+
+class _Preprocess:
+    """PIL image -> uint8 (R, R, C): convert to RGB or L, then torchvision Resize(R) (shorter side,
+    bilinear, antialiased) and CenterCrop(R), as in the paper's official data loading."""
+
+    def __init__(self, resolution: int, channels: int):
+        from torchvision import transforms
+
+        if channels not in (1, 3):
+            raise BenchError(f"dataset channels must be 1 or 3, got {channels}")
+        if not isinstance(resolution, int) or resolution < 1:
+            raise BenchError(f"dataset resolution must be a positive integer, got {resolution!r}")
+        self.resolution = resolution
+        self.channels = channels
+        self.mode = "RGB" if channels == 3 else "L"
+        self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
+
+    def __call__(self, image) -> np.ndarray:
+        x = np.asarray(self.transform(image.convert(self.mode)), dtype=np.uint8)
+        return x[:, :, None] if x.ndim == 2 else x
+
+
+# what Pillow raises on bad data: UnidentifiedImageError is an OSError; truncated data raises
+# OSError or SyntaxError; absurd sizes raise DecompressionBombError
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _decode(source, preprocess: _Preprocess) -> np.ndarray:
+    """Decode a path or a file object; raises one of _DECODE_ERRORS on bad data."""
+    with Image.open(source) as image:
+        return preprocess(image)
+
+
+def _decodes(open_source) -> bool:
+    """Whether the image passes Pillow's verify() and then fully loads. verify() leaves the image
+    unusable, so the source is opened twice."""
+    try:
+        with Image.open(open_source()) as image:
+            image.verify()
+        with Image.open(open_source()) as image:
+            image.load()
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
+def _validate_on_corrupt(on_corrupt: str):
+    if on_corrupt not in ON_CORRUPT:
+        raise BenchError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+
+
+def _progress(items, what: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(items, desc=f"verifying {what}", unit="img", disable=not enabled, leave=False)
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Every image file under root, recursively, sorted by relative path (as a POSIX string)."""
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+class FolderImages:
+    """Every image file under a folder, recursively, in sorted relative-path order.
+
+    on_corrupt="error": nothing is checked up front; __getitem__ on a bad file raises BenchError.
+    on_corrupt="skip": every file is decoded once in the constructor and bad ones are dropped;
+    their paths are kept in self.skipped so the harness can report them.
+    """
+
+    def __init__(self, root, resolution: int, channels: int = 3, on_corrupt: str = "error"):
+        _validate_on_corrupt(on_corrupt)
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise BenchError(f"dataset folder {self.root} does not exist; set the dataset's path in bench.toml")
+        if not self.root.is_dir():
+            raise BenchError(f"dataset path {self.root} is not a directory; point the dataset's path in bench.toml at a folder of images")
+        self.preprocess = _Preprocess(resolution, channels)
+        self.on_corrupt = on_corrupt
+        self.files = list_image_files(self.root)
+        if not self.files:
+            raise BenchError(f"dataset folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the dataset's path in bench.toml")
+        self.skipped: list[Path] = []
+        if on_corrupt == "skip":
+            self.skipped = self.verify()
+            bad = set(self.skipped)
+            self.files = [p for p in self.files if p not in bad]
+            if not self.files:
+                raise BenchError(f"dataset folder {self.root}: none of its {len(self.skipped)} images decode")
+
+    def verify(self, progress: bool = True) -> list[Path]:
+        """Open every file (Pillow verify + full load); return the paths that fail."""
+        bad = []
+        for path in _progress(self.files, str(self.root), progress):
+            if not _decodes(lambda: path):
+                bad.append(path)
+        return bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        path = self.files[i]
+        try:
+            return _decode(path, self.preprocess)
+        except _DECODE_ERRORS as e:
+            raise BenchError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete it, or set on_corrupt = \"skip\"") from e
+
+    @property
+    def resolution(self) -> int:
+        return self.preprocess.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.preprocess.channels
+
+    def content_id(self) -> str:
+        h = hashlib.sha256(f"folder {self.resolution} {self.channels}\n".encode())
+        for path in self.files:
+            h.update(f"{path.relative_to(self.root).as_posix()}\t{path.stat().st_size}\n".encode())
+        return h.hexdigest()[:16]
+
+
+# (pid, environment) per resolved path: py-lmdb refuses to open the same files twice in one process,
+# so every dataset on a path shares one environment. A forked DataLoader worker must not use its
+# parent's environment, so it closes the inherited handle (which frees the files) and opens its own.
+_LMDB_ENVS: dict[str, tuple[int, object]] = {}
+
+
+def _lmdb_env(path: Path):
+    import lmdb  # imported here so that digits and folders work without lmdb installed
+
+    key = str(path.resolve())
+    pid, env = _LMDB_ENVS.get(key, (None, None))
+    if env is not None and pid == os.getpid():
+        return env
+    if env is not None:
+        env.close()
+    if path.is_dir() and not (path / "data.mdb").exists():
+        raise BenchError(f"{path} is not an LMDB (no data.mdb inside); point the dataset's path in bench.toml at an LSUN LMDB")
+    try:
+        env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=path.is_dir())
+    except lmdb.Error as e:
+        raise BenchError(f"{path} is not an LMDB ({e}); point the dataset's path in bench.toml at an LSUN LMDB") from e
+    _LMDB_ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def _key_name(key: bytes) -> str:
+    return key.decode("utf-8", errors="backslashreplace")
+
+
+class LmdbImages:
+    """An LSUN-style LMDB: every key maps to one encoded image (webp, jpeg or png), read in sorted
+    key order. Same interface and on_corrupt semantics as FolderImages (self.skipped holds keys)."""
+
+    def __init__(self, path, resolution: int, channels: int = 3, on_corrupt: str = "error"):
+        _validate_on_corrupt(on_corrupt)
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise BenchError(f"LMDB {self.path} does not exist; set the dataset's path in bench.toml")
+        self.preprocess = _Preprocess(resolution, channels)
+        self.on_corrupt = on_corrupt
+        env = _lmdb_env(self.path)
+        self.entries = env.stat()["entries"]
+        with env.begin() as txn:
+            self.keys = sorted(txn.cursor().iternext(keys=True, values=False))
+        if not self.keys:
+            raise BenchError(f"LMDB {self.path} holds no records; check the dataset's path in bench.toml")
+        self.skipped: list[bytes] = []
+        if on_corrupt == "skip":
+            self.skipped = self.verify()
+            bad = set(self.skipped)
+            self.keys = [k for k in self.keys if k not in bad]
+            if not self.keys:
+                raise BenchError(f"LMDB {self.path}: none of its {len(self.skipped)} records decode")
+
+    def _value(self, txn, key: bytes) -> bytes:
+        value = txn.get(key)
+        if value is None:
+            raise BenchError(f"LMDB {self.path} has no record for key {_key_name(key)!r}; the database changed after it was opened")
+        return value
+
+    def verify(self, progress: bool = True) -> list[bytes]:
+        """Decode every record (Pillow verify + full load); return the keys that fail."""
+        bad = []
+        with _lmdb_env(self.path).begin() as txn:
+            for key in _progress(self.keys, str(self.path), progress):
+                value = self._value(txn, key)
+                if not _decodes(lambda: io.BytesIO(value)):
+                    bad.append(key)
+        return bad
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        key = self.keys[i]
+        with _lmdb_env(self.path).begin() as txn:
+            value = self._value(txn, key)
+        try:
+            return _decode(io.BytesIO(value), self.preprocess)
+        except _DECODE_ERRORS as e:
+            raise BenchError(f"cannot decode record {_key_name(key)!r} of LMDB {self.path} ({type(e).__name__}: {e}); set on_corrupt = \"skip\" to drop bad records") from e
+
+    @property
+    def resolution(self) -> int:
+        return self.preprocess.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.preprocess.channels
+
+    def content_id(self) -> str:
+        # every key, in one pass: cheap even for LSUN's 100k+ keys, and catches any added or removed record
+        h = hashlib.sha256(f"lsun {self.resolution} {self.channels} {self.entries} {len(self.keys)}\n".encode())
+        for key in self.keys:
+            h.update(key)
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# registry: bench.toml's `kind` -> a function (split, options) -> images
+
+
+def _take(kind: str, options: dict, required: tuple, optional: dict) -> dict:
+    """Options with defaults filled in; BenchError on a missing or unknown option."""
+    missing = [k for k in required if k not in options]
+    if missing:
+        raise BenchError(f"dataset kind {kind!r} needs option(s) {', '.join(missing)}")
+    unknown = sorted(set(options) - set(required) - set(optional))
+    if unknown:
+        known = ", ".join(list(required) + list(optional))
+        raise BenchError(f"unknown option(s) {', '.join(unknown)} for dataset kind {kind!r}; known: {known}")
+    return {**optional, **options}
+
+
+def _open_digits(split: str, options: dict) -> ArrayImages:
+    o = _take("digits", options, (), {"resolution": 16, "heldout_size": 500, "split_seed": 0})
+    return digits_split(split, o["resolution"], o["heldout_size"], o["split_seed"])
+
+
+def _open_folder(split: str, options: dict) -> FolderImages:
+    o = _take("folder", options, ("path", "resolution"), {"channels": 3, "on_corrupt": "error"})
+    return FolderImages(o["path"], o["resolution"], o["channels"], o["on_corrupt"])
+
+
+def _open_lsun(split: str, options: dict) -> LmdbImages:
+    o = _take("lsun", options, ("path", "resolution"), {"channels": 3, "on_corrupt": "error"})
+    return LmdbImages(o["path"], o["resolution"], o["channels"], o["on_corrupt"])
+
+
+DATASET_KINDS = {"digits": _open_digits, "folder": _open_folder, "lsun": _open_lsun}
+
+
+def _check_kind(kind: str):
+    if kind not in DATASET_KINDS:
+        raise BenchError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(DATASET_KINDS)}")
+
+
+def open_images(kind: str, split: str, options: dict):
+    """The images of one split. For folder and lsun the caller picks options["path"] per split."""
+    _check_kind(kind)
+    return DATASET_KINDS[kind](split, options)
+
+
+def describe_source(kind: str, options: dict) -> str:
+    """One line for `bench datasets`: where the data is expected and whether it is there."""
+    _check_kind(kind)
+    if kind == "digits":
+        return "digits: scikit-learn's 1797 8x8 digits, embedded in the package (always present)"
+    if "path" not in options:
+        return f"{kind}: no path configured; set it in bench.toml"
+    path = Path(options["path"]).expanduser()
+    if not path.exists():
+        return f"{kind}: {path} (missing)"
+    if kind == "folder":
+        if not path.is_dir():
+            return f"folder: {path} (not a directory)"
+        return f"folder: {path} (present, {len(list_image_files(path))} image files)"
+    try:
+        return f"lsun: {path} (present, LMDB with {_lmdb_env(path).stat()['entries']} records)"
+    except BenchError:
+        return f"lsun: {path} (not an LMDB)"
+
+
+def iterate_batches(images, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Yield uint8 batches (B, H, W, C) of the first `limit` images (all by default)."""
+    n = len(images) if limit is None else min(limit, len(images))
+    for start in range(0, n, batch_size):
+        yield np.stack([images[i] for i in range(start, min(start + batch_size, n))])
+
+
+def to_float(batch: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1]."""
+    x = torch.as_tensor(batch, device=device)
+    return x.permute(0, 3, 1, 2).float().div(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, C, H, W) in [0, 1] -> uint8 (B, H, W, C), rounded and clipped."""
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

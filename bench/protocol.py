@@ -1,0 +1,293 @@
+"""One run of the protocol: reference features, control rows, sampler rows, timing, results.
+
+    data -> tokenizer -> prior + sampler -> tokens -> decode -> uint8 images
+         -> features -> metrics vs reference -> rows -> results
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import absorbing  # noqa: F401  (registers the absorbing sampler)
+from . import results
+from .checkpoints import atomic_write_bytes, checkpoint_sha256, resolve
+from .config import Config, DatasetConfig, checkpoint_path, dataset_path
+from .data import iterate_batches, open_images, to_float, to_uint8
+from .errors import BenchError
+from .features import Extractor, extract_features, load_extractor
+from .metrics import compute_metrics
+from .models import Transformer, VQAutoEncoder, load_transformer, load_vq
+from .samplers import SAMPLERS, SampleNoise, Sampler, SamplerSettings
+from .timing import device_name, median_seconds, peak_memory_mb, reset_peak_memory
+
+CONTROL_ROWS = ("data", "reconstruction", "random-codes")
+GRID_SIZE = 64
+
+
+def _load_baselines() -> None:
+    try:  # baselines register their samplers on import
+        import baselines  # noqa: F401
+    except ImportError:
+        pass
+
+
+@dataclass
+class Pipeline:
+    """Everything a dataset's rows need, loaded once."""
+    cfg: Config
+    ds: DatasetConfig
+    device: torch.device
+    vq: VQAutoEncoder
+    priors: dict[str, Transformer]
+    extractor: Extractor
+    train: object
+    heldout: object | None
+    hashes: dict
+
+    @property
+    def seq_len(self) -> int:
+        return self.vq.cfg.latent_hw ** 2
+
+    def make_sampler(self, name: str) -> Sampler:
+        _load_baselines()
+        if name not in SAMPLERS:
+            raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
+        if name == "random-codes":
+            return SAMPLERS[name](self.priors, self.device, self.seq_len, self.vq.cfg.codebook_size)
+        return SAMPLERS[name](self.priors, self.device)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor | np.ndarray) -> np.ndarray:
+        tokens = torch.as_tensor(tokens, device=self.device)
+        hw = self.vq.cfg.latent_hw
+        return to_uint8(self.vq.decode(tokens.reshape(len(tokens), hw, hw)))
+
+    @torch.no_grad()
+    def reconstruct(self, batch: np.ndarray) -> np.ndarray:
+        return to_uint8(self.vq.decode(self.vq.encode(to_float(batch, self.device))))
+
+
+def open_split(cfg: Config, ds: DatasetConfig, split: str):
+    if ds.kind == "digits":
+        return open_images("digits", split, ds.source)
+    return open_images(ds.kind, split, {**ds.source, "path": str(dataset_path(cfg, ds, split))})
+
+
+def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str]) -> Pipeline:
+    """Load and check every input before anything is written."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    train = open_split(cfg, ds, "train")
+    heldout = open_split(cfg, ds, "heldout") if ds.kind == "digits" or "heldout" in ds.splits else None
+    if train.resolution != ds.resolution or train.channels != ds.channels:
+        raise BenchError(f"dataset {ds.name}: images are {train.resolution}px x {train.channels} channels, "
+                         f"config says {ds.resolution}px x {ds.channels}")
+    tokenizer = checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer")
+    vq, vq_meta = load_vq(tokenizer, official_hparams=ds.official_hparams)
+    if vq.cfg.img_size != ds.resolution or vq.cfg.n_channels != ds.channels:
+        raise BenchError(f"tokenizer {ds.tokenizer} is for {vq.cfg.img_size}px x {vq.cfg.n_channels} channels, "
+                         f"dataset {ds.name} is {ds.resolution}px x {ds.channels}")
+    hashes = {"tokenizer": checkpoint_sha256(tokenizer)}
+    priors = {}
+    for kind, stem in ds.priors.items():
+        if kind not in ("absorbing", "autoregressive"):
+            raise BenchError(f"{cfg.path}: datasets.{ds.name}.priors.{kind}: expected 'absorbing' or 'autoregressive'")
+        stem = checkpoint_path(cfg, ds, stem, f"priors.{kind}")
+        model, _ = load_transformer(stem, kind, official_hparams=ds.official_hparams)
+        if model.cfg.codebook_size != vq.cfg.codebook_size or model.cfg.block_size != vq.cfg.latent_hw ** 2:
+            raise BenchError(f"prior {stem} expects codebook {model.cfg.codebook_size} and {model.cfg.block_size} tokens; "
+                             f"tokenizer {ds.tokenizer} has codebook {vq.cfg.codebook_size} and {vq.cfg.latent_hw ** 2} tokens")
+        priors[kind] = model.to(device)
+        hashes[kind] = checkpoint_sha256(stem)
+    extractor = load_extractor(ds.extractor, str(device))
+    hashes["extractor"] = extractor.weights_sha256
+    pipe = Pipeline(cfg, ds, device, vq.to(device), priors, extractor, train, heldout, hashes)
+    for name in samplers:  # fail now on an unknown sampler or a missing prior
+        if name not in CONTROL_ROWS or name == "random-codes":
+            pipe.make_sampler(name)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- reference
+
+def reference_key(pipe: Pipeline) -> str:
+    parts = {"dataset": pipe.ds.name, "content": pipe.train.content_id(), "split": "train",
+             "resolution": pipe.ds.resolution, "channels": pipe.ds.channels,
+             "preprocessing": "resize+centercrop" if pipe.ds.kind != "digits" else "digits-bilinear",
+             "extractor": pipe.extractor.name, "extractor_sha256": pipe.extractor.weights_sha256,
+             "count": len(pipe.train)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def reference_features(pipe: Pipeline, progress: bool) -> tuple[np.ndarray, str]:
+    """Features of the whole training split, cached under a key of everything that changes them."""
+    key = reference_key(pipe)
+    cache = Path(pipe.cfg.run["cache_dir"]).expanduser() / "reference" / f"{pipe.ds.name}-{key}.npy"
+    if cache.is_file():
+        feats = np.load(cache)
+        if feats.shape[0] == len(pipe.train):
+            return feats, key
+    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
+    feats = extract_features(pipe.extractor, iterate_batches(pipe.train, batch), total=len(pipe.train),
+                             desc=f"reference features ({pipe.ds.name} train)", progress=progress)
+    import io
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    atomic_write_bytes(cache, buf.getvalue())
+    return feats, key
+
+
+# ----------------------------------------------------------------------------- rows
+
+def expand_sweep(ds: DatasetConfig, samplers: list[str] | None, steps: list[int] | None) -> list[SamplerSettings]:
+    rows = []
+    for entry in ds.sweep:
+        if samplers is not None and entry.sampler not in samplers:
+            continue
+        entry_steps = (steps or entry.steps) if entry.steps is not None else [None]
+        for t in entry.temperatures:
+            for s in entry_steps:
+                rows.append(SamplerSettings(entry.sampler, s, t, entry.top_k, entry.top_p))
+    if samplers is not None:
+        configured = {e.sampler for e in ds.sweep} | set(CONTROL_ROWS)
+        unknown = [s for s in samplers if s not in configured]
+        if unknown:
+            raise BenchError(f"--samplers {','.join(unknown)}: not in the sweep of dataset {ds.name} "
+                             f"(it has: {', '.join(sorted(configured))})")
+    return rows
+
+
+def _sampled_batches(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, n: int,
+                     grid: list) -> Iterator[np.ndarray]:
+    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
+    seed = pipe.cfg.run["seed"]
+    for start in range(0, n, batch):
+        idx = range(start, min(start + batch, n))
+        with torch.no_grad():
+            tokens = sampler.sample(SampleNoise(seed, idx, pipe.device), settings)
+        images = pipe.decode(tokens)
+        if len(grid) < GRID_SIZE:
+            grid.extend(images[:GRID_SIZE - len(grid)])
+        yield images
+
+
+def _control_batches(pipe: Pipeline, name: str, grid: list) -> Iterator[np.ndarray]:
+    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
+    for images in iterate_batches(pipe.heldout, batch):
+        if name == "reconstruction":
+            images = pipe.reconstruct(images)
+        if len(grid) < GRID_SIZE:
+            grid.extend(images[:GRID_SIZE - len(grid)])
+        yield images
+
+
+def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) -> dict:
+    t = pipe.cfg.timing
+    b, seed = t["batch_size"], pipe.cfg.run["seed"]
+    box = {}
+
+    def sample():
+        with torch.no_grad():
+            box["tokens"] = sampler.sample(SampleNoise(seed, range(b), pipe.device), settings)
+
+    def decode():
+        pipe.decode(box["tokens"])
+
+    reset_peak_memory(pipe.device)
+    s = median_seconds(sample, t["warmup"], t["repeats"], pipe.device)
+    d = median_seconds(decode, t["warmup"], t["repeats"], pipe.device)
+    return {"img_per_s": b / (s + d), "sample_s_per_batch": s, "decode_s_per_batch": d,
+            "peak_mem_mb": peak_memory_mb(pipe.device), "batch_size": b}
+
+
+def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,
+              progress: bool) -> tuple[dict, np.ndarray]:
+    """-> (row, sample grid images). `name` is a control row or settings.sampler."""
+    grid: list = []
+    base = {"dataset": pipe.ds.name, "sampler": name, "steps": None, "temperature": None, "top_k": None,
+            "top_p": None, "features": pipe.extractor.name, "device": device_name(pipe.device),
+            "dtype": "float32", "seed": None}
+    if name in ("data", "reconstruction"):
+        if pipe.heldout is None:
+            raise BenchError(f"row {name!r} needs a held-out split: set datasets.{pipe.ds.name}.heldout")
+        total = len(pipe.heldout)
+        batches = _control_batches(pipe, name, grid)
+        row = {**base, "slug": name, "label": name}
+        timing = {}
+    else:
+        sampler = pipe.make_sampler(name)
+        sampler.check(settings)
+        total = n
+        batches = _sampled_batches(pipe, sampler, settings, n, grid)
+        row = {**base, **settings.as_dict(), "slug": settings.slug(), "label": settings.label(),
+               "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution()}
+        if name == "random-codes":
+            row.update(slug="random-codes", label="random-codes", temperature=None)
+    feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
+    metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"]})
+    if name not in ("data", "reconstruction"):
+        timing = time_sampler(pipe, sampler, settings)
+    row.update(n_samples=len(feats), **metrics, **timing)
+    return row, np.stack(grid)
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class RunRequest:
+    dataset: str | None = None
+    samplers: list[str] | None = None
+    steps: list[int] | None = None
+    num_samples: int | None = None
+    device: str | None = None
+    run_name: str | None = None
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+
+def plan_rows(ds: DatasetConfig, req: RunRequest) -> list[tuple[str, SamplerSettings | None]]:
+    controls = [c for c in CONTROL_ROWS if req.samplers is None or c in req.samplers]
+    plan = [(c, SamplerSettings("random-codes", None, 1.0) if c == "random-codes" else None) for c in controls]
+    return plan + [(s.sampler, s) for s in expand_sweep(ds, req.samplers, req.steps)]
+
+
+def run(cfg: Config, req: RunRequest) -> Path:
+    ds = cfg.dataset(req.dataset)
+    n = req.num_samples or ds.num_samples
+    if n < 1:
+        raise BenchError(f"--num-samples must be positive, got {n}")
+    device = req.device or cfg.run["device"]
+    plan = plan_rows(ds, req)
+    if not plan:
+        raise BenchError("nothing to run: the sweep and --samplers select no rows")
+    pipe = load_pipeline(cfg, ds, device, [name for name, _ in plan])
+    manifest = results.build_manifest(cfg, ds, req, pipe, n, plan)
+    run_dir = results.check_run_dir(cfg, ds, req, manifest)
+    done = results.finished_rows(run_dir) if req.resume and run_dir.exists() else {}
+    ref, ref_key = reference_features(pipe, req.progress)
+    manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
+    created = bool(done)
+    rows = []
+    for name, settings in tqdm(plan, desc=f"rows ({ds.name})", unit="row", disable=not req.progress):
+        slug = settings.slug() if settings is not None and name != "random-codes" else name
+        if slug in done:
+            rows.append(done[slug])
+            continue
+        row, grid = score_row(pipe, name, settings, n, ref, req.progress)
+        if not created:
+            results.create_run_dir(run_dir, manifest, req.force)
+            created = True
+        results.save_grid(run_dir, slug, grid)
+        results.write_row(run_dir, row)
+        rows.append(row)
+    results.finish(run_dir, manifest, rows)
+    return run_dir

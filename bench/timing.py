@@ -1,0 +1,60 @@
+"""Timing, apart from scoring: warm-up, repeated timed calls, the median; CUDA timed with events."""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1000.0
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, device="cpu") -> float:
+    """Median wall time of `repeats` calls after `warmup` untimed ones."""
+    device = torch.device(device)
+    run = _sync_timer(device)
+    for _ in range(warmup):
+        run(fn)
+    return statistics.median(run(fn) for _ in range(repeats))
+
+
+def reset_peak_memory(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size
+    (a high-water mark since start, which cannot be reset; recorded as such in the manifest)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.config import DEFAULT_CONFIG
+
+# Tests run beside other work on 2 cores: one thread avoids oversubscription stalls, and no test
+# depends on the thread count.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+DIGITS_FOLDER_DATASET = """
+[datasets.folderdigits]
+kind = "folder"
+train = "{train}"
+heldout = "{heldout}"
+resolution = 16
+channels = 1
+extractor = "digits"
+num_samples = 40
+tokenizer = "builtin:digits/vq"
+priors = {{ absorbing = "builtin:digits/absorbing" }}
+
+[[datasets.folderdigits.sweep]]
+sampler = "absorbing"
+steps = [2]
+temperature = [1.0]
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory with the project's bench.toml, writing results and caches inside it."""
+    text = DEFAULT_CONFIG.read_text()
+    text = text.replace('results_dir = "results"', f'results_dir = "{tmp_path / "results"}"')
+    text = text.replace('cache_dir = "~/.cache/bench"', f'cache_dir = "{tmp_path / "cache"}"')
+    (tmp_path / "bench.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def add_folder_dataset(workdir: Path, train: Path, heldout: Path) -> None:
+    with open(workdir / "bench.toml", "a") as f:
+        f.write(DIGITS_FOLDER_DATASET.format(train=train, heldout=heldout))

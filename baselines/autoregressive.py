@@ -56,11 +56,11 @@ def _prior(priors: dict) -> Transformer:
     return priors["autoregressive"]
 
 
-@register_sampler("autoregressive")
+@register_sampler("autoregressive", prior="autoregressive")
 def _cached(priors: dict, device="cpu") -> Sampler:
     return AutoregressiveSampler(_prior(priors).to(device), use_cache=True)
 
 
-@register_sampler("autoregressive-recompute")
+@register_sampler("autoregressive-recompute", prior="autoregressive")
 def _recompute(priors: dict, device="cpu") -> Sampler:
     return AutoregressiveSampler(_prior(priors).to(device), use_cache=False)

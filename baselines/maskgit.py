@@ -70,7 +70,7 @@ class MaskGITSampler(Sampler):
                 f"absorbing denoiser, fp32")
 
 
-@register_sampler("maskgit")
+@register_sampler("maskgit", prior="absorbing")
 def _maskgit(priors: dict, device="cpu") -> Sampler:
     if "absorbing" not in priors:
         raise BenchError("sampler 'maskgit' uses the absorbing prior's denoiser; set priors.absorbing in bench.toml")

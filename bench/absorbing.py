@@ -96,7 +96,7 @@ class AbsorbingSampler(Sampler):
         return "paper/official: unmask each masked token w.p. 1/t, full denoiser pass every step, fp32"
 
 
-@register_sampler("absorbing")
+@register_sampler("absorbing", prior="absorbing")
 def _absorbing(priors: dict, device="cpu") -> Sampler:
     if "absorbing" not in priors:
         raise BenchError("sampler 'absorbing' needs an absorbing prior; set priors.absorbing for this dataset in bench.toml")

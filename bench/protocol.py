@@ -24,7 +24,7 @@ from .errors import BenchError
 from .features import Extractor, extract_features, load_extractor
 from .metrics import compute_metrics
 from .models import Transformer, VQAutoEncoder, load_transformer, load_vq
-from .samplers import SAMPLERS, SampleNoise, Sampler, SamplerSettings
+from .samplers import SAMPLER_PRIORS, SAMPLERS, SampleNoise, Sampler, SamplerSettings
 from .timing import device_name, median_seconds, peak_memory_mb, reset_peak_memory
 
 CONTROL_ROWS = ("data", "reconstruction", "random-codes")
@@ -97,9 +97,17 @@ def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[st
                          f"dataset {ds.name} is {ds.resolution}px x {ds.channels}")
     hashes = {"tokenizer": checkpoint_sha256(tokenizer)}
     priors = {}
-    for kind, stem in ds.priors.items():
+    for kind in ds.priors:
         if kind not in ("absorbing", "autoregressive"):
             raise BenchError(f"{cfg.path}: datasets.{ds.name}.priors.{kind}: expected 'absorbing' or 'autoregressive'")
+    _load_baselines()
+    unknown = [s for s in samplers if s not in SAMPLERS and s not in CONTROL_ROWS]
+    if unknown:
+        raise BenchError(f"unknown sampler {unknown[0]!r}; registered: {', '.join(sorted(SAMPLERS))}")
+    needed = {SAMPLER_PRIORS[s] for s in samplers if s in SAMPLERS} - {None}
+    for kind, stem in ds.priors.items():
+        if kind not in needed:  # load only what the requested rows use
+            continue
         stem = checkpoint_path(cfg, ds, stem, f"priors.{kind}")
         model, _ = load_transformer(stem, kind, official_hparams=ds.official_hparams)
         if model.cfg.codebook_size != vq.cfg.codebook_size or model.cfg.block_size != vq.cfg.latent_hw ** 2:

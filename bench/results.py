@@ -131,7 +131,17 @@ def create_run_dir(run_dir: Path, manifest: dict, force: bool) -> None:
 
 
 def protocol_differences(a: dict, b: dict) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in PROTOCOL_KEYS if a.get(k) != b.get(k)]
+    """What differs between two runs' protocols. Checkpoint hashes are compared where both runs
+    loaded the same model (a run of fewer samplers loads fewer priors)."""
+    out = []
+    for k in PROTOCOL_KEYS:
+        va, vb = a.get(k), b.get(k)
+        if k == "hashes" and isinstance(va, dict) and isinstance(vb, dict):
+            va = {m: h for m, h in va.items() if m in vb}
+            vb = {m: h for m, h in vb.items() if m in va}
+        if va != vb:
+            out.append(f"{k}: {va!r} vs {vb!r}")
+    return out
 
 
 def read_json(path: Path) -> dict:

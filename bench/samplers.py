@@ -141,11 +141,14 @@ class Sampler:
 
 # name -> factory(priors: dict of loaded networks, device) -> Sampler; baselines add theirs.
 SAMPLERS: dict[str, Callable[..., Sampler]] = {}
+# name -> the kind of prior it needs ("absorbing", "autoregressive") or None
+SAMPLER_PRIORS: dict[str, str | None] = {}
 
 
-def register_sampler(name: str):
+def register_sampler(name: str, prior: str | None):
     def wrap(factory):
         SAMPLERS[name] = factory
+        SAMPLER_PRIORS[name] = prior
         return factory
     return wrap
 
@@ -184,6 +187,6 @@ class RandomCodesSampler(Sampler):
         return "uniform random codes, no network"
 
 
-@register_sampler("random-codes")
+@register_sampler("random-codes", prior=None)
 def _random_codes(priors: dict, device="cpu", seq_len: int = 0, codebook_size: int = 0) -> Sampler:
     return RandomCodesSampler(seq_len, codebook_size)

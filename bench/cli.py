@@ -225,6 +225,66 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
         click.echo(f"wrote {stem}.safetensors and .json ({kind}, from {inputs[kind]})")
 
 
+@main.command()
+@click.option("--dataset", default=None, help="Time this dataset's configured models  [default: run.dataset]")
+@click.option("--shape", type=click.Choice(["churches"]), default=None,
+              help="Time random weights at a named model shape instead of a dataset's models.")
+@click.option("--samplers", callback=_str_list, default="absorbing,autoregressive", show_default=True)
+@click.option("--steps", callback=_int_list, default=None, help="Step counts of step-taking samplers  [default: 1,4,16,64 or 50,256]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: timing.batch_size]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="[default: timing.warmup]")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="[default: timing.repeats]")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for results.json/csv/md  [default: <results_dir>/perf/<timestamp>]")
+@config_option
+@_user_errors
+def perf(dataset, shape, samplers, steps, batch_size, dtype, device, warmup, repeats, out, config_path):
+    """Timing only: img/s, tokens/s, per-phase times, NFE, MFU and peak memory, in the results schema."""
+    import json
+    import time as _time
+    import torch
+    from .checkpoints import atomic_write_text
+    from .config import load_config
+    from .perf import dataset_models, random_models, run_perf
+    from .protocol import _load_baselines
+    from .report import render_markdown
+    from .results import to_csv
+    from .samplers import SAMPLERS, SamplerSettings
+    cfg = load_config(config_path)
+    device = torch.device(device or cfg.run["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    torch_dtype = getattr(torch, dtype)
+    _load_baselines()
+    models = random_models(shape, device, torch.float32) if shape else dataset_models(cfg, cfg.dataset(dataset), device, torch.float32)
+    steps = steps or ([50, 256] if shape else [1, 4, 16, 64])
+    plan = []
+    for name in samplers:
+        if name not in SAMPLERS:
+            raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
+        takes_steps = SAMPLERS[name](models.priors, device).takes_steps
+        plan += [SamplerSettings(name, s, 1.0) for s in steps] if takes_steps else [SamplerSettings(name, None, 1.0)]
+    result = run_perf(models, plan, batch_size or cfg.timing["batch_size"], cfg.timing["warmup"] if warmup is None else warmup,
+                      repeats or cfg.timing["repeats"], device, torch_dtype)
+    out = Path(out) if out else _results_dir(cfg) / "perf" / _time.strftime("%Y%m%d-%H%M%S")
+    rows = [{"dataset": shape or cfg.dataset(dataset).name, **r} for r in result["rows"]]
+    atomic_write_text(out / "results.json", json.dumps({**result, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "results.csv", to_csv(rows))
+    header = ["row", "batch", "dtype", "sample s/batch", "decode s/batch", "img/s", "sampling img/s", "NFE",
+              "GFLOP/img", "MFU", "peak MB"]
+    body = [[r["label"], r["batch_size"], r["dtype"], r["sample_s_per_batch"], r["decode_s_per_batch"], r["img_per_s"],
+             r["sampling_img_per_s"], r["nfe"], (r["flops_per_image"] or 0) / 1e9, r["mfu"], r["peak_mem_mb"]]
+            for r in rows]
+    text = (f"# perf: {result['source']}\n\ndevice: {result['device']}; matmul peak "
+            f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['peak_basis']}); warm-up {result['warmup']}, "
+            f"median of {result['repeats']}\n\n" + render_markdown(header, body, 3))
+    atomic_write_text(out / "results.md", text)
+    click.echo(text)
+    click.echo(f"wrote {out}")
+
+
 def _results_dir(cfg) -> Path:
     return Path(cfg.run["results_dir"])
 

@@ -9,6 +9,13 @@ from .results import load_run, protocol_differences
 METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "img_per_s")
 # Stored runs that hold published numbers rather than a protocol run of this harness.
 READ_ONLY_RUNS = ("paper",)
+# Throughput of rows whose timed batch is shorter than this is not judged by `bench check`.
+MIN_TIMED_SECONDS = 0.05
+
+
+def _too_short_to_time(slug: str, rows: dict, base: dict) -> bool:
+    times = [r.get(slug, {}).get("sample_s_per_batch") for r in (rows, base)]
+    return any(t is None or t < MIN_TIMED_SECONDS for t in times)
 
 
 def find_run(results_dir: Path, dataset: str | None, name: str | None) -> Path:
@@ -112,6 +119,7 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
             failures.append(f"baseline comparison impossible: {e}")
             cmp = None
         if cmp is not None:
+            rows_by_slug, base_by_slug = by, {r["slug"]: r for r in load_run(baseline_dir)[1]}
             if not cmp["rows"]:
                 failures.append(f"no rows in common with the baseline {baseline_dir}")
             for entry in cmp["rows"]:
@@ -119,6 +127,10 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
                     if m not in ("fid", "img_per_s") or v["rel"] is None:
                         continue
                     if m == "img_per_s" and not cmp["same_device"]:
+                        continue
+                    if m == "img_per_s" and _too_short_to_time(entry["slug"], rows_by_slug, base_by_slug):
+                        checks.append(f"{entry['slug']}: img_per_s not judged: a timed batch took under "
+                                      f"{MIN_TIMED_SECONDS} s, too short to time reliably")
                         continue
                     status = "FAILED" if v["beyond_threshold"] else "ok"
                     checks.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "

@@ -115,7 +115,8 @@ def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[st
                              f"tokenizer {ds.tokenizer} has codebook {vq.cfg.codebook_size} and {vq.cfg.latent_hw ** 2} tokens")
         priors[kind] = model.to(device)
         hashes[kind] = checkpoint_sha256(stem)
-    extractor = load_extractor(ds.extractor, str(device))
+    weights = cfg.metrics.get("inception_weights") if ds.extractor == "inception-v3-compat" else None
+    extractor = load_extractor(ds.extractor, str(device), weights_path=weights)
     hashes["extractor"] = extractor.weights_sha256
     pipe = Pipeline(cfg, ds, device, vq.to(device), priors, extractor, train, heldout, hashes)
     for name in samplers:  # fail now on an unknown sampler or a missing prior
@@ -240,7 +241,9 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
         if name == "random-codes":
             row.update(slug="random-codes", label="random-codes", temperature=None)
     feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
-    metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"]})
+    # the reference is the training split, so memorisation is measured against what the models saw
+    metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"],
+                                           "memorisation": True})
     if name not in ("data", "reconstruction"):
         timing = time_sampler(pipe, sampler, settings)
     row.update(n_samples=len(feats), **metrics, **timing)

@@ -47,7 +47,8 @@ def _fmt(v, digits=3) -> str:
 def markdown_table(rows: list[dict]) -> str:
     cols = [("label", "row", 0), ("n_samples", "N", 0), ("fid", "FID", 2), ("kid_mean", "KID", 4),
             ("precision", "precision", 3), ("recall", "recall", 3), ("density", "density", 3),
-            ("coverage", "coverage", 3), ("nfe", "NFE", 0), ("img_per_s", "img/s", 1)]
+            ("coverage", "coverage", 3), ("memorisation", "memorised", 3), ("nfe", "NFE", 0),
+            ("img_per_s", "img/s", 1)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(k), d) for k, _, d in cols) + " |")

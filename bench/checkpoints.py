@@ -2,6 +2,7 @@
 training record). Built-in checkpoints live in bench/weights/ and are named `builtin:digits/vq`."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,19 +27,32 @@ def resolve(stem: str | os.PathLike) -> Path:
     return Path(s).with_suffix("") if s.endswith((".safetensors", ".json")) else Path(s)
 
 
+def write_error(path, e: OSError) -> BenchError:
+    """One line naming the file for an OSError while writing it (a full disk says so)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BenchError(f"cannot write {path}: disk full ({e.strerror or e}); free some space and rerun")
+    return BenchError(f"cannot write {path} ({e.strerror or e})")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+    An OSError (disk full, permissions) leaves no temporary file and becomes a BenchError naming path."""
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and checkpoints are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
 
 

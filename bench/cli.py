@@ -69,8 +69,10 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, run
     cfg = load_config(config_path, profile)
     req = RunRequest(dataset, samplers, steps, num_samples, device, run_name, resume, force, not quiet)
     run_dir = run_protocol(cfg, req)
-    click.echo((run_dir / "results.md").read_text())
-    click.echo(f"wrote {run_dir}")
+    from .distributed import from_env
+    if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
+        click.echo((run_dir / "results.md").read_text())
+        click.echo(f"wrote {run_dir}")
 
 
 @main.command()

@@ -157,7 +157,20 @@ def list_image_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-class FolderImages:
+class _DecodedImages:
+    """What folder and LMDB sources share: images decoded and preprocessed on access."""
+    preprocess: _Preprocess
+
+    @property
+    def resolution(self) -> int:
+        return self.preprocess.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.preprocess.channels
+
+
+class FolderImages(_DecodedImages):
     """Every image file under a folder, recursively, in sorted relative-path order.
 
     on_corrupt="error": nothing is checked up front; __getitem__ on a bad file raises BenchError.
@@ -203,14 +216,6 @@ class FolderImages:
         except _DECODE_ERRORS as e:
             raise BenchError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete it, or set on_corrupt = \"skip\"") from e
 
-    @property
-    def resolution(self) -> int:
-        return self.preprocess.resolution
-
-    @property
-    def channels(self) -> int:
-        return self.preprocess.channels
-
     def content_id(self) -> str:
         h = hashlib.sha256(f"folder {self.resolution} {self.channels}\n".encode())
         for path in self.files:
@@ -247,7 +252,7 @@ def _key_name(key: bytes) -> str:
     return key.decode("utf-8", errors="backslashreplace")
 
 
-class LmdbImages:
+class LmdbImages(_DecodedImages):
     """An LSUN-style LMDB: every key maps to one encoded image (webp, jpeg or png), read in sorted
     key order. Same interface and on_corrupt semantics as FolderImages (self.skipped holds keys)."""
 
@@ -299,14 +304,6 @@ class LmdbImages:
             return _decode(io.BytesIO(value), self.preprocess)
         except _DECODE_ERRORS as e:
             raise BenchError(f"cannot decode record {_key_name(key)!r} of LMDB {self.path} ({type(e).__name__}: {e}); set on_corrupt = \"skip\" to drop bad records") from e
-
-    @property
-    def resolution(self) -> int:
-        return self.preprocess.resolution
-
-    @property
-    def channels(self) -> int:
-        return self.preprocess.channels
 
     def content_id(self) -> str:
         # every key, in one pass: cheap even for LSUN's 100k+ keys, and catches any added or removed record

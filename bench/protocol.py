@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import absorbing  # noqa: F401  (registers the absorbing sampler)
-from . import results
+from . import distributed, results
 from .checkpoints import atomic_write_bytes, checkpoint_sha256, resolve
 from .config import Config, DatasetConfig, checkpoint_path, dataset_path
 from .data import iterate_batches, open_images, to_float, to_uint8
@@ -50,6 +50,7 @@ class Pipeline:
     train: object
     heldout: object | None
     hashes: dict
+    dist: distributed.Dist = distributed.SINGLE  # torchrun: this process's rank (bench.distributed)
 
     @property
     def seq_len(self) -> int:
@@ -174,27 +175,32 @@ def expand_sweep(ds: DatasetConfig, samplers: list[str] | None, steps: list[int]
     return rows
 
 
+def _batch_size(pipe: Pipeline) -> int:
+    return pipe.ds.batch_size or pipe.cfg.run["batch_size"]
+
+
 def _sampled_batches(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, n: int,
-                     grid: list) -> Iterator[np.ndarray]:
-    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
+                     grid: dict, starts: list[int]) -> Iterator[np.ndarray]:
+    """The batches starting at `starts` (all of 0, B, 2B, ... < n, or this rank's share of them).
+    grid: sample index -> image, for the indices below GRID_SIZE."""
+    batch = _batch_size(pipe)
     seed = pipe.cfg.run["seed"]
-    for start in range(0, n, batch):
+    for start in starts:
         idx = range(start, min(start + batch, n))
         with torch.no_grad():
             tokens = sampler.sample(SampleNoise(seed, idx, pipe.device), settings)
         images = pipe.decode(tokens)
-        if len(grid) < GRID_SIZE:
-            grid.extend(images[:GRID_SIZE - len(grid)])
+        grid.update((i, img) for i, img in zip(idx, images) if i < GRID_SIZE)
         yield images
 
 
-def _control_batches(pipe: Pipeline, name: str, grid: list) -> Iterator[np.ndarray]:
-    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
-    for images in iterate_batches(pipe.heldout, batch):
+def _control_batches(pipe: Pipeline, name: str, grid: dict) -> Iterator[np.ndarray]:
+    seen = 0
+    for images in iterate_batches(pipe.heldout, _batch_size(pipe)):
         if name == "reconstruction":
             images = pipe.reconstruct(images)
-        if len(grid) < GRID_SIZE:
-            grid.extend(images[:GRID_SIZE - len(grid)])
+        grid.update((seen + j, img) for j, img in enumerate(images[:max(0, GRID_SIZE - seen)]))
+        seen += len(images)
         yield images
 
 
@@ -219,8 +225,9 @@ def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) ->
 
 def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,
               progress: bool) -> tuple[dict, np.ndarray]:
-    """-> (row, sample grid images). `name` is a control row or settings.sampler."""
-    grid: list = []
+    """-> (row, sample grid images). `name` is a control row or settings.sampler.
+    Under torchrun a sampled row is sharded (bench.distributed): ranks other than 0 get (None, None)."""
+    grid: dict = {}
     base = {"dataset": pipe.ds.name, "sampler": name, "steps": None, "temperature": None, "top_k": None,
             "top_p": None, "features": pipe.extractor.name, "device": device_name(pipe.device),
             "dtype": "float32", "seed": None}
@@ -234,20 +241,27 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
     else:
         sampler = pipe.make_sampler(name)
         sampler.check(settings)
-        total = n
-        batches = _sampled_batches(pipe, sampler, settings, n, grid)
+        batch = _batch_size(pipe)
+        starts = pipe.dist.my_batches(range(0, n, batch))  # all batches in a single process
+        indices = np.array([i for s in starts for i in range(s, min(s + batch, n))], dtype=np.int64)
+        total = len(indices)
+        batches = _sampled_batches(pipe, sampler, settings, n, grid, starts)
         row = {**base, **settings.as_dict(), "slug": settings.slug(), "label": settings.label(),
                "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution()}
         if name == "random-codes":
             row.update(slug="random-codes", label="random-codes", temperature=None)
     feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
+    if name not in ("data", "reconstruction"):
+        feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
+        if feats is None:
+            return None, None  # not rank 0: metrics, timing and writing are rank 0's
     # the reference is the training split, so memorisation is measured against what the models saw
     metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"],
                                            "memorisation": True})
     if name not in ("data", "reconstruction"):
         timing = time_sampler(pipe, sampler, settings)
     row.update(n_samples=len(feats), **metrics, **timing)
-    return row, np.stack(grid)
+    return row, np.stack([grid[i] for i in sorted(grid)])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -280,25 +294,40 @@ def run(cfg: Config, req: RunRequest) -> Path:
     plan = plan_rows(ds, req)
     if not plan:
         raise BenchError("nothing to run: the sweep and --samplers select no rows")
+    # torchrun: join the process group; every rank checks the same input, rank 0 alone writes
+    dist = distributed.init(device)
+    device, main = dist.device(device), dist.is_main
     pipe = load_pipeline(cfg, ds, device, [name for name, _ in plan])
+    pipe.dist = dist
     manifest = results.build_manifest(cfg, ds, req, pipe, n, plan)
+    if dist.sharded:
+        manifest["distributed"] = {"world_size": dist.world_size, "sharding": "whole batches, round-robin"}
     run_dir = results.check_run_dir(cfg, ds, req, manifest)
     done = results.finished_rows(run_dir) if req.resume and run_dir.exists() else {}
-    ref, ref_key = reference_features(pipe, req.progress)
-    manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
+    distributed.barrier(dist)  # every rank has checked the run directory before rank 0 creates it
+    progress = req.progress and main
+    ref, ref_key = reference_features(pipe, progress) if main else (None, None)
+    if main:
+        manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
     created = bool(done)
     rows = []
-    for name, settings in tqdm(plan, desc=f"rows ({ds.name})", unit="row", disable=not req.progress):
+    for name, settings in tqdm(plan, desc=f"rows ({ds.name})", unit="row", disable=not progress):
         slug = settings.slug() if settings is not None and name != "random-codes" else name
         if slug in done:
             rows.append(done[slug])
             continue
-        row, grid = score_row(pipe, name, settings, n, ref, req.progress)
+        if not main and name in ("data", "reconstruction"):
+            continue  # held-out control rows: rank 0 alone
+        row, grid = score_row(pipe, name, settings, n, ref, progress)
+        if not main:
+            continue
         if not created:
             results.create_run_dir(run_dir, manifest, req.force)
             created = True
         results.save_grid(run_dir, slug, grid)
         results.write_row(run_dir, row)
         rows.append(row)
-    results.finish(run_dir, manifest, rows)
+    if main:
+        results.finish(run_dir, manifest, rows)
+    distributed.finish(dist)
     return run_dir

@@ -116,7 +116,8 @@ def figure_metric_vs_steps(rows: list[dict], metric: str, ylabel: str, title: st
         ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, frameon=False)
     return _png(fig)
 
 
@@ -149,7 +150,8 @@ def figure_pareto(rows: list[dict], title: str) -> bytes:
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, frameon=False)
     return _png(fig)
 
 

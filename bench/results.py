@@ -69,6 +69,9 @@ def build_manifest(cfg, ds, req, pipe, n: int, plan) -> dict:
         "dataset": ds.name,
         "dataset_content": pipe.train.content_id(),
         "heldout_content": pipe.heldout.content_id() if pipe.heldout is not None else None,
+        # images or records dropped as undecodable (on_corrupt = "skip"), per split
+        "skipped": {split: len(getattr(data, "skipped", [])) for split, data in
+                    (("train", pipe.train), ("heldout", pipe.heldout)) if data is not None},
         "num_samples": n,
         "seed": cfg.run["seed"],
         "seeding": "sample i draws from its own generator seeded by numpy SeedSequence([seed, i])",

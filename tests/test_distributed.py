@@ -1,0 +1,58 @@
+"""torchrun: a run sharded over 2 processes gives the numbers of a single process, bit for bit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.distributed import SINGLE, Dist, from_env
+
+METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage")
+ARGS = ["run", "--num-samples", "24", "--steps", "2", "--samplers", "absorbing", "--quiet"]
+
+
+def test_batches_are_dealt_once_each():
+    starts = list(range(0, 37, 10))
+    for world in (1, 2, 3, 5):
+        shares = [Dist(r, world).my_batches(starts) for r in range(world)]
+        assert sorted(s for share in shares for s in share) == starts
+
+
+def test_rank_from_torchrun_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert from_env() == SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = from_env()
+    assert ctx == Dist(1, 2, 1) and not ctx.is_main and ctx.device("cuda") == "cuda:1" and ctx.device("cpu") == "cpu"
+
+
+def _run(workdir, prefix, name):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, *prefix, "-m", "bench", *ARGS, "--run-name", name], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, json.loads((workdir / "results" / "digits" / name / "results.json").read_text())
+
+
+def test_torchrun_two_processes_match_one(workdir):
+    # batches of 5: 24 samples make 5 batches, so both ranks sample (rank 0: 3 batches, rank 1: 2)
+    text = (workdir / "bench.toml").read_text()
+    (workdir / "bench.toml").write_text(text.replace("batch_size = 250", "batch_size = 5", 1))
+    _, single = _run(workdir, [], "single")
+    # --standalone: a free local port, so concurrent test runs do not collide
+    out, dist = _run(workdir, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "dist")
+    assert out.count("wrote ") == 1  # rank 0 alone reports (and writes)
+    assert dist["manifest"]["distributed"]["world_size"] == 2
+    assert [r["slug"] for r in dist["rows"]] == [r["slug"] for r in single["rows"]] == ["absorbing-s2-t1"]
+    for a, b in zip(single["rows"], dist["rows"]):
+        assert a["n_samples"] == b["n_samples"] == 24
+        for k in METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-9), k
+    grid = "samples/absorbing-s2-t1.png"
+    assert (workdir / "results/digits/dist" / grid).read_bytes() == (workdir / "results/digits/single" / grid).read_bytes()

@@ -240,9 +240,12 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="[default: timing.repeats]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json/csv/md  [default: <results_dir>/perf/<timestamp>]")
+@click.option("--estimate-samples", type=click.IntRange(min=1), default=50000, show_default=True,
+              help="Also state the hours one row of this many samples takes at the measured img/s.")
 @config_option
 @_user_errors
-def perf(dataset, shape, samplers, steps, batch_size, dtype, device, warmup, repeats, out, config_path):
+def perf(dataset, shape, samplers, steps, batch_size, dtype, device, warmup, repeats, out, estimate_samples,
+         config_path):
     """Timing only: img/s, tokens/s, per-phase times, NFE, MFU and peak memory, in the results schema."""
     import json
     import time as _time
@@ -271,13 +274,15 @@ def perf(dataset, shape, samplers, steps, batch_size, dtype, device, warmup, rep
     result = run_perf(models, plan, batch_size or cfg.timing["batch_size"], cfg.timing["warmup"] if warmup is None else warmup,
                       repeats or cfg.timing["repeats"], device, torch_dtype)
     out = Path(out) if out else _results_dir(cfg) / "perf" / _time.strftime("%Y%m%d-%H%M%S")
-    rows = [{"dataset": shape or cfg.dataset(dataset).name, **r} for r in result["rows"]]
+    rows = [{"dataset": shape or cfg.dataset(dataset).name, **r, "estimate_samples": estimate_samples,
+             "estimate_hours": estimate_samples / r["img_per_s"] / 3600} for r in result["rows"]]
     atomic_write_text(out / "results.json", json.dumps({**result, "rows": rows}, indent=2) + "\n")
     atomic_write_text(out / "results.csv", to_csv(rows))
     header = ["row", "batch", "dtype", "sample s/batch", "decode s/batch", "img/s", "sampling img/s", "NFE",
-              "GFLOP/img", "MFU", "peak MB"]
+              "GFLOP/img", "MFU", "peak MB", f"hours per {estimate_samples}"]
     body = [[r["label"], r["batch_size"], r["dtype"], r["sample_s_per_batch"], r["decode_s_per_batch"], r["img_per_s"],
-             r["sampling_img_per_s"], r["nfe"], (r["flops_per_image"] or 0) / 1e9, r["mfu"], r["peak_mem_mb"]]
+             r["sampling_img_per_s"], r["nfe"], (r["flops_per_image"] or 0) / 1e9, r["mfu"], r["peak_mem_mb"],
+             r["estimate_hours"]]
             for r in rows]
     text = (f"# perf: {result['source']}\n\ndevice: {result['device']}; matmul peak "
             f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['peak_basis']}); warm-up {result['warmup']}, "
@@ -466,9 +471,10 @@ def _load_feature_file(path: str) -> dict:
 @click.argument("fake", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--memorisation", is_flag=True, help="Also the memorisation score (REAL taken as the training set).")
+@click.option("--cleanfid", is_flag=True, help="Also FID by clean-fid's formula on the same statistics, as a cross-check.")
 @config_option
 @_user_errors
-def score(real, fake, as_json, memorisation, config_path):
+def score(real, fake, as_json, memorisation, cleanfid, config_path):
     """Metrics of FAKE against REAL, two files written by `bench features` with the same extractor."""
     import json
     from .metrics import compute_metrics
@@ -483,6 +489,9 @@ def score(real, fake, as_json, memorisation, config_path):
     settings = {**cfg.metrics, "seed": cfg.run["seed"]} if cfg is not None else {}
     settings["memorisation"] = memorisation
     result = compute_metrics(f["features"], r["features"], settings)
+    if cleanfid:
+        from .metrics import cleanfid_cross_check
+        result["fid_cleanfid"] = cleanfid_cross_check(f["features"], r["features"])["fid_cleanfid"]
     if as_json:
         click.echo(json.dumps({"real": real, "fake": fake, "extractor": r["extractor"],
                                "weights_sha256": r["weights_sha256"], "n_real": len(r["features"]),

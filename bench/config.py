@@ -32,7 +32,8 @@ SCHEMA = {
     "run": {"dataset": str, "results_dir": str, "seed": int, "device": str, "batch_size": int,
             "cache_dir": str},
     "metrics": {"pr_k": int, "dc_k": int, "kid_subset_size": int, "kid_subsets": int,
-                "inception_weights": str},  # bench.inception: an explicit Inception weights file
+                "inception_weights": str,   # bench.inception: an explicit Inception weights file
+                "cleanfid_check": bool},    # add clean-fid's FID of the same statistics to every row
     "timing": {"warmup": int, "repeats": int, "batch_size": int},
     "datasets": {"*": DATASET_SCHEMA},
     "thresholds": {"*": THRESHOLD_SCHEMA},

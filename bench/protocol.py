@@ -22,7 +22,7 @@ from .config import Config, DatasetConfig, checkpoint_path, dataset_path
 from .data import iterate_batches, open_images, to_float, to_uint8
 from .errors import BenchError
 from .features import Extractor, extract_features, load_extractor
-from .metrics import compute_metrics
+from .metrics import cleanfid_cross_check, compute_metrics
 from .models import Transformer, VQAutoEncoder, load_transformer, load_vq
 from .samplers import SAMPLER_PRIORS, SAMPLERS, SampleNoise, Sampler, SamplerSettings
 from .timing import device_name, median_seconds, peak_memory_mb, reset_peak_memory
@@ -258,6 +258,8 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
     # the reference is the training split, so memorisation is measured against what the models saw
     metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"],
                                            "memorisation": True})
+    if pipe.cfg.metrics.get("cleanfid_check"):
+        metrics["fid_cleanfid"] = cleanfid_cross_check(feats, ref)["fid_cleanfid"]
     if name not in ("data", "reconstruction"):
         timing = time_sampler(pipe, sampler, settings)
     row.update(n_samples=len(feats), **metrics, **timing)

@@ -135,3 +135,20 @@ def test_usage_errors_exit_2(workdir):
     assert bench("run", "--num-samples", 0)[0] == 2
     code, out = bench("run", "--samplers", "diffusion", "--quiet")
     assert code == 2 and "not in the sweep" in out
+
+
+def test_perf_writes_timing_rows(workdir):
+    code, out = bench("perf", "--samplers", "absorbing,autoregressive", "--steps", "2", "--batch-size", 4,
+                      "--warmup", 0, "--repeats", 1, "--out", workdir / "perf")
+    assert code == 0, out
+    result = json.loads((workdir / "perf" / "results.json").read_text())
+    rows = {r["label"]: r for r in result["rows"]}
+    assert set(rows) == {"absorbing, 2 steps, t=1", "autoregressive, t=1"}
+    absorbing = rows["absorbing, 2 steps, t=1"]
+    assert absorbing["nfe"] == 2 and absorbing["img_per_s"] > 0 and 0 < absorbing["mfu"]
+    # analytic FLOPs: 2 full passes of 64 tokens through 4 layers of width 96, plus the head
+    d, L, V = 96, 64, 64
+    per_token = 4 * (24 * d * d + 4 * L * d) + 2 * d * V
+    assert absorbing["flops_per_image"] == 2 * L * per_token
+    with open(workdir / "perf" / "results.csv") as f:
+        assert next(csv.reader(f)) == SCHEMA

@@ -63,6 +63,11 @@ def test_features_and_score_round_trip(workdir, digit_images):
     code, out = bench("score", workdir / "real.npz", workdir / "fake.npz")
     assert code == 0 and "fid" in out and "coverage" in out and "memorisation" not in out
 
+    code, out = bench("score", workdir / "real.npz", workdir / "fake.npz", "--json", "--cleanfid")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["fid_cleanfid"] == pytest.approx(result["fid"], rel=1e-6)
+
 
 def test_score_refuses_mismatched_files(workdir):
     rng = np.random.default_rng(0)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,19 +180,31 @@ def _batch_size(pipe: Pipeline) -> int:
     return pipe.ds.batch_size or pipe.cfg.run["batch_size"]
 
 
-def _sampled_batches(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, n: int,
-                     grid: dict, starts: list[int]) -> Iterator[np.ndarray]:
-    """The batches starting at `starts` (all of 0, B, 2B, ... < n, or this rank's share of them).
+def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, n: int, grid: dict,
+                      starts: list[int], shards: "results.ShardStore | None", label: str,
+                      progress: bool) -> np.ndarray:
+    """Features of the batches starting at `starts` (all of 0, B, 2B, ... < n, or this rank's share),
+    each batch sampled, decoded and extracted, or read back from a shard an interrupted run finished.
     grid: sample index -> image, for the indices below GRID_SIZE."""
     batch = _batch_size(pipe)
     seed = pipe.cfg.run["seed"]
-    for start in starts:
-        idx = range(start, min(start + batch, n))
-        with torch.no_grad():
-            tokens = sampler.sample(SampleNoise(seed, idx, pipe.device), settings)
-        images = pipe.decode(tokens)
-        grid.update((i, img) for i, img in zip(idx, images) if i < GRID_SIZE)
-        yield images
+    out = []
+    total = sum(min(batch, n - s) for s in starts)
+    with tqdm(total=total, desc=label, unit="img", disable=not progress, leave=False) as bar:
+        for start in starts:
+            done = shards.load(start) if shards is not None else None
+            if done is None:
+                idx = range(start, min(start + batch, n))
+                with torch.no_grad():
+                    tokens = sampler.sample(SampleNoise(seed, idx, pipe.device), settings)
+                images = pipe.decode(tokens)
+                done = pipe.extractor(images), {i: img for i, img in zip(idx, images) if i < GRID_SIZE}
+                if shards is not None:
+                    shards.save(start, *done)
+            out.append(done[0])
+            grid.update(done[1])
+            bar.update(len(done[0]))
+    return np.concatenate(out) if out else np.zeros((0, pipe.extractor.dim))
 
 
 def _control_batches(pipe: Pipeline, name: str, grid: dict) -> Iterator[np.ndarray]:
@@ -224,7 +237,7 @@ def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) ->
 
 
 def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,
-              progress: bool) -> tuple[dict, np.ndarray]:
+              progress: bool, shards: "results.ShardStore | None" = None) -> tuple[dict, np.ndarray]:
     """-> (row, sample grid images). `name` is a control row or settings.sampler.
     Under torchrun a sampled row is sharded (bench.distributed): ranks other than 0 get (None, None)."""
     grid: dict = {}
@@ -244,14 +257,14 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
         batch = _batch_size(pipe)
         starts = pipe.dist.my_batches(range(0, n, batch))  # all batches in a single process
         indices = np.array([i for s in starts for i in range(s, min(s + batch, n))], dtype=np.int64)
-        total = len(indices)
-        batches = _sampled_batches(pipe, sampler, settings, n, grid, starts)
         row = {**base, **settings.as_dict(), "slug": settings.slug(), "label": settings.label(),
                "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution()}
         if name == "random-codes":
             row.update(slug="random-codes", label="random-codes", temperature=None)
-    feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
-    if name not in ("data", "reconstruction"):
+        feats = _sampled_features(pipe, sampler, settings, n, grid, starts, shards, row["label"], progress)
+    if name in ("data", "reconstruction"):
+        feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
+    else:
         feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
         if feats is None:
             return None, None  # not rank 0: metrics, timing and writing are rank 0's
@@ -306,12 +319,21 @@ def run(cfg: Config, req: RunRequest) -> Path:
         manifest["distributed"] = {"world_size": dist.world_size, "sharding": "whole batches, round-robin"}
     run_dir = results.check_run_dir(cfg, ds, req, manifest)
     done = results.finished_rows(run_dir) if req.resume and run_dir.exists() else {}
+    if req.force and dist.sharded and main and run_dir.exists():
+        shutil.rmtree(run_dir)  # now, before any rank writes shards into it
     distributed.barrier(dist)  # every rank has checked the run directory before rank 0 creates it
     progress = req.progress and main
     ref, ref_key = reference_features(pipe, progress) if main else (None, None)
     if main:
         manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
-    created = bool(done)
+    created = bool(done) or (req.resume and run_dir.exists())
+
+    def before_first_write():
+        nonlocal created
+        if main and not created:  # sharded: the old run was removed above, other ranks may be writing
+            results.create_run_dir(run_dir, manifest, req.force and not dist.sharded)
+            created = True
+
     rows = []
     for name, settings in tqdm(plan, desc=f"rows ({ds.name})", unit="row", disable=not progress):
         slug = settings.slug() if settings is not None and name != "random-codes" else name
@@ -320,14 +342,14 @@ def run(cfg: Config, req: RunRequest) -> Path:
             continue
         if not main and name in ("data", "reconstruction"):
             continue  # held-out control rows: rank 0 alone
-        row, grid = score_row(pipe, name, settings, n, ref, progress)
+        shards = results.ShardStore(run_dir / "rows" / f"{slug}.shards", _batch_size(pipe), before_first_write)
+        row, grid = score_row(pipe, name, settings, n, ref, progress, shards)
         if not main:
             continue
-        if not created:
-            results.create_run_dir(run_dir, manifest, req.force)
-            created = True
+        before_first_write()
         results.save_grid(run_dir, slug, grid)
         results.write_row(run_dir, row)
+        shards.remove()
         rows.append(row)
     if main:
         results.finish(run_dir, manifest, rows)

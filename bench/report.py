@@ -83,6 +83,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
 def figure_metric_vs_steps(rows: list[dict], metric: str, ylabel: str, title: str, controls: bool,
                            paper_rows: list[dict] | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -110,15 +120,9 @@ def figure_metric_vs_steps(rows: list[dict], metric: str, ylabel: str, title: st
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_steps, [str(s) for s in all_steps])
         ax.minorticks_off()
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel(ylabel)
     if metric == "fid" and controls and any(r["sampler"] == "random-codes" for r in rows):
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    return _finish(fig, ax, "sampling steps", ylabel, title)
 
 
 def figure_pareto(rows: list[dict], title: str) -> bytes:
@@ -146,13 +150,7 @@ def figure_pareto(rows: list[dict], title: str) -> bytes:
             ax.axhline(r["fid"], ls=":", lw=1.2, color=color, label=label)
     if pts:
         ax.set_xscale("log")
-    ax.set_xlabel("seconds per image (sampling + decoding)")
-    ax.set_ylabel("FID")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    return _finish(fig, ax, "seconds per image (sampling + decoding)", "FID", title)
 
 
 def figure_sample_grids(run_dir: Path, rows: list[dict]) -> bytes | None:

@@ -133,6 +133,36 @@ def create_run_dir(run_dir: Path, manifest: dict, force: bool) -> None:
     write_manifest(run_dir, manifest)
 
 
+class ShardStore:
+    """The finished batches of a row still being computed: its features and sample-grid images, one
+    file per batch, written atomically, so a killed run resumes without recomputing them. The
+    folder is removed once the row itself is written."""
+
+    def __init__(self, folder: Path, batch_size: int, before_first_write=lambda: None):
+        self.folder, self.batch_size, self.before_first_write = Path(folder), batch_size, before_first_write
+
+    def _file(self, start: int) -> Path:
+        return self.folder / f"b{self.batch_size}-{start:09d}.npz"
+
+    def load(self, start: int) -> tuple[np.ndarray, dict] | None:
+        f = self._file(start)
+        if not f.is_file():
+            return None
+        with np.load(f, allow_pickle=False) as z:
+            return z["features"], dict(zip(z["grid_index"].tolist(), z["grid_images"]))
+
+    def save(self, start: int, features: np.ndarray, grid: dict) -> None:
+        self.before_first_write()
+        idx = sorted(grid)
+        buf = io.BytesIO()
+        np.savez(buf, features=features, grid_index=np.array(idx, dtype=np.int64),
+                 grid_images=np.stack([grid[i] for i in idx]) if idx else np.zeros((0, 1, 1, 1), np.uint8))
+        atomic_write_bytes(self._file(start), buf.getvalue())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def protocol_differences(a: dict, b: dict) -> list[str]:
     """What differs between two runs' protocols. Checkpoint hashes are compared where both runs
     loaded the same model (a run of fewer samplers loads fewer priors)."""

@@ -45,3 +45,49 @@ def test_kill_and_resume_gives_the_uninterrupted_results(workdir):
     for a, b in zip(resumed, whole):
         for k in METRICS:
             assert a[k] == b[k], (a["slug"], k)
+
+
+def test_a_row_killed_part_way_keeps_its_finished_batches(workdir, monkeypatch):
+    """Batches of 10: the kill lands inside the 64-step row; on resume its finished batches are read
+    back from their shards, not sampled again, and the results equal an uninterrupted run's."""
+    toml = (workdir / "bench.toml").read_text()
+    (workdir / "bench.toml").write_text(toml.replace("\nbatch_size = 250 ", "\nbatch_size = 10 ", 1))
+    result = CliRunner().invoke(main, ARGS + ["--run-name", "whole"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    whole = json.loads((workdir / "results" / "digits" / "whole" / "results.json").read_text())["rows"]
+
+    run_dir = workdir / "results" / "digits" / "killed"
+    shard_dir = run_dir / "rows" / "absorbing-s64-t1.shards"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench"] + ARGS + ["--run-name", "killed"], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(shard_dir.glob("*.npz"))) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(shard_dir.glob("*.npz")))
+    assert 2 <= finished < 6 and not list(shard_dir.glob("*.tmp"))
+
+    from bench.absorbing import AbsorbingSampler
+    calls = []
+    original = AbsorbingSampler.sample
+
+    def counting(self, noise, settings, trace=None):
+        if settings.steps == 64 and len(noise) == 10:  # scoring batches, not the timing batch of 64
+            calls.append(noise.indices[0])
+        return original(self, noise, settings, trace)
+
+    monkeypatch.setattr(AbsorbingSampler, "sample", counting)
+    result = CliRunner().invoke(main, ARGS + ["--run-name", "killed", "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 6 - finished
+    assert not shard_dir.exists()  # the finished row replaces its shards
+    resumed = json.loads((run_dir / "results.json").read_text())["rows"]
+    for a, b in zip(resumed, whole):
+        for k in METRICS:
+            assert a[k] == b[k], (a["slug"], k)
+    assert (run_dir / "samples" / "absorbing-s64-t1.png").read_bytes() == \
+        (workdir / "results" / "digits" / "whole" / "samples" / "absorbing-s64-t1.png").read_bytes()

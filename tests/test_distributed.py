@@ -56,3 +56,39 @@ def test_torchrun_two_processes_match_one(workdir):
             assert b[k] == pytest.approx(a[k], rel=1e-9), k
     grid = "samples/absorbing-s2-t1.png"
     assert (workdir / "results/digits/dist" / grid).read_bytes() == (workdir / "results/digits/single" / grid).read_bytes()
+
+
+def test_torchrun_killed_part_way_resumes_to_the_single_process_numbers(workdir):
+    """Kill every rank in the middle of a row; resume under torchrun; the finished batches' shards
+    (keyed by batch start, not by rank) are reused and the numbers equal one uninterrupted process."""
+    import signal
+    import time
+    text = (workdir / "bench.toml").read_text()
+    (workdir / "bench.toml").write_text(text.replace("batch_size = 250", "batch_size = 5", 1))
+    args = ["run", "--num-samples", "24", "--steps", "64", "--samplers", "absorbing", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    single = subprocess.run([sys.executable, "-m", "bench", *args, "--run-name", "single"], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bench", *args, "--run-name", "dist"]
+    shards = workdir / "results" / "digits" / "dist" / "rows" / "absorbing-s64-t1.shards"
+    proc = subprocess.Popen(torchrun, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(shards.glob("*.npz"))) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "results" / "digits" / "dist" / "results.json").exists()
+    resumed = subprocess.run(torchrun + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a = json.loads((workdir / "results/digits/single/results.json").read_text())["rows"][0]
+    b = json.loads((workdir / "results/digits/dist/results.json").read_text())["rows"][0]
+    assert a["n_samples"] == b["n_samples"] == 24
+    for k in METRICS:
+        assert b[k] == pytest.approx(a[k], rel=1e-9), k

@@ -244,13 +244,13 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
     base = {"dataset": pipe.ds.name, "sampler": name, "steps": None, "temperature": None, "top_k": None,
             "top_p": None, "features": pipe.extractor.name, "device": device_name(pipe.device),
             "dtype": "float32", "seed": None}
-    if name in ("data", "reconstruction"):
+    control = name in ("data", "reconstruction")
+    if control:
         if pipe.heldout is None:
             raise BenchError(f"row {name!r} needs a held-out split: set datasets.{pipe.ds.name}.heldout")
-        total = len(pipe.heldout)
-        batches = _control_batches(pipe, name, grid)
         row = {**base, "slug": name, "label": name}
-        timing = {}
+        feats = extract_features(pipe.extractor, _control_batches(pipe, name, grid), total=len(pipe.heldout),
+                                 desc=name, progress=progress)
     else:
         sampler = pipe.make_sampler(name)
         sampler.check(settings)
@@ -262,9 +262,6 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
         if name == "random-codes":
             row.update(slug="random-codes", label="random-codes", temperature=None)
         feats = _sampled_features(pipe, sampler, settings, n, grid, starts, shards, row["label"], progress)
-    if name in ("data", "reconstruction"):
-        feats = extract_features(pipe.extractor, batches, total=total, desc=row["label"], progress=progress)
-    else:
         feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
         if feats is None:
             return None, None  # not rank 0: metrics, timing and writing are rank 0's
@@ -273,8 +270,7 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
                                            "memorisation": True})
     if pipe.cfg.metrics.get("cleanfid_check"):
         metrics["fid_cleanfid"] = cleanfid_cross_check(feats, ref)["fid_cleanfid"]
-    if name not in ("data", "reconstruction"):
-        timing = time_sampler(pipe, sampler, settings)
+    timing = {} if control else time_sampler(pipe, sampler, settings)
     row.update(n_samples=len(feats), **metrics, **timing)
     return row, np.stack([grid[i] for i in sorted(grid)])
 

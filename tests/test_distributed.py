@@ -92,3 +92,30 @@ def test_torchrun_killed_part_way_resumes_to_the_single_process_numbers(workdir)
     assert a["n_samples"] == b["n_samples"] == 24
     for k in METRICS:
         assert b[k] == pytest.approx(a[k], rel=1e-9), k
+
+
+def test_two_nodes_through_torchrun_rendezvous_match_one_process(workdir):
+    """Two torchrun launches (--nnodes 2, one process each) meeting at a c10d rendezvous on
+    localhost: the multi-node path, on one machine."""
+    import socket
+    text = (workdir / "bench.toml").read_text()
+    (workdir / "bench.toml").write_text(text.replace("batch_size = 250", "batch_size = 5", 1))
+    _, single = _run(workdir, [], "single")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "bench-test",
+              "-m", "bench", *ARGS, "--run-name", "nodes"]
+    nodes = [subprocess.Popen(launch, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outputs
+    result = json.loads((workdir / "results" / "digits" / "nodes" / "results.json").read_text())
+    assert result["manifest"]["distributed"]["world_size"] == 2
+    for a, b in zip(single["rows"], result["rows"]):
+        for k in METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-9), k

@@ -85,7 +85,7 @@ def format_comparison(cmp: dict) -> str:
     if not cmp["same_device"]:
         lines.append("devices differ: throughput deltas are not judged")
     lines.append("")
-    lines.append(f"| row | metric | REF | RUN | delta | rel |")
+    lines.append("| row | metric | REF | RUN | delta | rel |")
     lines.append("|---|---|---|---|---|---|")
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
     for entry in cmp["rows"]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import absorbing  # noqa: F401  (registers the absorbing sampler)
 from . import distributed, results
-from .checkpoints import atomic_write_bytes, checkpoint_sha256, resolve
+from .checkpoints import atomic_write_bytes, checkpoint_sha256
 from .config import Config, DatasetConfig, checkpoint_path, dataset_path
 from .data import iterate_batches, open_images, to_float, to_uint8
 from .errors import BenchError

@@ -13,8 +13,8 @@ READ_ONLY_RUNS = ("paper",)
 MIN_TIMED_SECONDS = 0.05
 
 
-def _too_short_to_time(slug: str, rows: dict, base: dict) -> bool:
-    times = [r.get(slug, {}).get("sample_s_per_batch") for r in (rows, base)]
+def _too_short_to_time(*rows: dict) -> bool:
+    times = [r.get("sample_s_per_batch") for r in rows]
     return any(t is None or t < MIN_TIMED_SECONDS for t in times)
 
 
@@ -70,9 +70,11 @@ def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch:
             flag = False
             if m == "fid" and rel is not None and thresholds.get("fid_regression") is not None:
                 flag = rel > thresholds["fid_regression"]
+            untimeable = m == "img_per_s" and _too_short_to_time(ref, row)
             if m == "img_per_s" and rel is not None and thresholds.get("throughput_regression") is not None:
-                flag = same_device and -rel > thresholds["throughput_regression"]
-            entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag}
+                flag = same_device and not untimeable and -rel > thresholds["throughput_regression"]
+            entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag,
+                                   "untimeable": untimeable}
         out.append(entry)
     return {"ref": str(ref_dir), "run": str(run_dir), "protocol_differences": diff,
             "same_device": same_device, "rows": out}
@@ -119,7 +121,6 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
             failures.append(f"baseline comparison impossible: {e}")
             cmp = None
         if cmp is not None:
-            rows_by_slug, base_by_slug = by, {r["slug"]: r for r in load_run(baseline_dir)[1]}
             if not cmp["rows"]:
                 failures.append(f"no rows in common with the baseline {baseline_dir}")
             for entry in cmp["rows"]:
@@ -128,7 +129,7 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
                         continue
                     if m == "img_per_s" and not cmp["same_device"]:
                         continue
-                    if m == "img_per_s" and _too_short_to_time(entry["slug"], rows_by_slug, base_by_slug):
+                    if v["untimeable"]:
                         checks.append(f"{entry['slug']}: img_per_s not judged: a timed batch took under "
                                       f"{MIN_TIMED_SECONDS} s, too short to time reliably")
                         continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import BenchError
+from bench.execution import Execution, Network
 from bench.models import Transformer
 from bench.samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
@@ -15,15 +16,24 @@ from bench.samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, r
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
     takes_steps = False
+    switches = ("bf16", "compile", "cuda-graphs")
 
-    def __init__(self, prior: Transformer, use_cache: bool = True):
-        super().__init__(prior.cfg.block_size, prior.cfg.codebook_size)
+    def __init__(self, prior: Transformer, use_cache: bool = True, execution: Execution | None = None):
+        if not use_cache:
+            self.name = "autoregressive-recompute"
+        super().__init__(prior.cfg.block_size, prior.cfg.codebook_size, execution)
         if not prior.cfg.causal:
             raise BenchError("the autoregressive sampler needs a causal prior (hparams.causal = true)")
         self.prior = prior.eval()
         self.use_cache = use_cache
-        if not use_cache:
-            self.name = "autoregressive-recompute"
+        self.net = Network(self.prior, self.options, dynamic=not use_cache)
+        if use_cache:
+            self.method = "raster order, key/value cache (Taming Transformers manner)"
+            # compiled: every token after the start token goes through one static-shape step
+            self._step = self.options.compile(self.prior.hidden_at)
+            self._caches: dict = {}
+        else:
+            self.method = "raster order, whole prefix recomputed per token (official baseline)"
 
     @torch.no_grad()
     def sample(self, noise: SampleNoise, settings: SamplerSettings) -> torch.Tensor:
@@ -31,22 +41,42 @@ class AutoregressiveSampler(Sampler):
         B, L = len(noise), self.seq_len
         u = noise.rand(L)
         x = torch.zeros((B, L), dtype=torch.long, device=noise.device)
-        cache = self.prior.new_cache(B) if self.use_cache else None
+        if self.use_cache:
+            return self._sample_cached(x, u, settings)
         for i in range(L):
-            if cache is None:
-                logits = self.prior(x[:, :i])[:, -1]
-            else:  # the first call feeds only the start token, later calls only the newest token
-                logits = self.prior(x[:, i - 1:i] if i else x[:, :0], cache)[:, -1]
+            logits = self.net(x[:, :i])[:, -1]
             x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p)
         return x
 
+    def _sample_cached(self, x: torch.Tensor, u: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+        """The first call feeds only the start token, later calls only the newest token."""
+        cache = self._cache_for(len(x))
+        for i in range(self.seq_len):
+            with self.options.autocast(x.device):
+                if i == 0 or not self.options.compiled:
+                    hidden = self.prior.hidden(x[:, i - 1:i] if i else x[:, :0], cache)
+                else:
+                    hidden = self._step(x[:, i - 1:i], torch.tensor([i], device=x.device), cache)
+            logits = self.net.project(hidden[:, -1])
+            x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p)
+        return x
+
+    def _cache_for(self, batch: int):
+        dtype = torch.bfloat16 if "bf16" in self.options else None
+        if not self.options.compiled:
+            return self.prior.new_cache(batch, dtype)
+        # Compiled, one cache per batch size is kept at a fixed address (CUDA graphs replay pointers).
+        # Reuse is safe: step i writes position i before reading it, and later positions are masked.
+        cache = self._caches.get(batch)
+        if cache is None:
+            cache = self._caches[batch] = self.prior.new_cache(batch, dtype)
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        cache.length = 0
+        return cache
+
     def nfe(self, settings: SamplerSettings) -> int:
         return self.seq_len
-
-    def execution(self) -> str:
-        if self.use_cache:
-            return "raster order, key/value cache (Taming Transformers manner), fp32"
-        return "raster order, whole prefix recomputed per token (official baseline), fp32"
 
 
 def _prior(priors: dict) -> Transformer:
@@ -57,10 +87,10 @@ def _prior(priors: dict) -> Transformer:
 
 
 @register_sampler("autoregressive", prior="autoregressive")
-def _cached(priors: dict, device="cpu") -> Sampler:
-    return AutoregressiveSampler(_prior(priors).to(device), use_cache=True)
+def _cached(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
+    return AutoregressiveSampler(_prior(priors).to(device), use_cache=True, execution=execution)
 
 
 @register_sampler("autoregressive-recompute", prior="autoregressive")
-def _recompute(priors: dict, device="cpu") -> Sampler:
-    return AutoregressiveSampler(_prior(priors).to(device), use_cache=False)
+def _recompute(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
+    return AutoregressiveSampler(_prior(priors).to(device), use_cache=False, execution=execution)

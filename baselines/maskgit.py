@@ -13,6 +13,7 @@ import math
 import torch
 
 from bench.errors import BenchError
+from bench.execution import Execution, Network
 from bench.models import Transformer
 from bench.samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
@@ -33,10 +34,15 @@ def masked_after_step(seq_len: int, steps: int) -> list[int]:
 
 class MaskGITSampler(Sampler):
     name = "maskgit"
+    switches = ("bf16", "compile", "cuda-graphs")
 
-    def __init__(self, denoiser: Transformer, choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE):
-        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size)
+    def __init__(self, denoiser: Transformer, choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
+                 execution: Execution | None = None):
+        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size, execution)
         self.denoiser = denoiser.eval()
+        self.net = Network(self.denoiser, self.options)
+        self.method = (f"MaskGIT: cosine schedule, choice temperature {choice_temperature:g} annealed linearly, "
+                       f"absorbing denoiser")
         self.mask_id = denoiser.cfg.mask_id
         self.choice_temperature = choice_temperature
 
@@ -47,7 +53,7 @@ class MaskGITSampler(Sampler):
         x = torch.full((B, L), self.mask_id, dtype=torch.long, device=noise.device)
         for s, n_masked in enumerate(masked_after_step(L, S)):
             masked = x == self.mask_id
-            logits = self.denoiser(x)
+            logits = self.net(x)
             draws = draw_tokens(logits, noise.rand(L), settings.temperature, settings.top_k, settings.top_p)
             logp = logits.float().log_softmax(-1).gather(-1, draws.unsqueeze(-1)).squeeze(-1)
             u = noise.rand(L).clamp_(1e-20, 1 - 1e-7)
@@ -65,13 +71,9 @@ class MaskGITSampler(Sampler):
     def nfe(self, settings: SamplerSettings) -> int:
         return settings.steps
 
-    def execution(self) -> str:
-        return (f"MaskGIT: cosine schedule, choice temperature {self.choice_temperature:g} annealed linearly, "
-                f"absorbing denoiser, fp32")
-
 
 @register_sampler("maskgit", prior="absorbing")
-def _maskgit(priors: dict, device="cpu") -> Sampler:
+def _maskgit(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
     if "absorbing" not in priors:
         raise BenchError("sampler 'maskgit' uses the absorbing prior's denoiser; set priors.absorbing in bench.toml")
-    return MaskGITSampler(priors["absorbing"].to(device))
+    return MaskGITSampler(priors["absorbing"].to(device), execution=execution)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BenchError
+from .execution import Execution, Network
 from .models import Transformer
 from .samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
@@ -66,38 +67,57 @@ def training_loss(denoiser: Transformer, x0: torch.Tensor, loss_type: str, total
 
 class AbsorbingSampler(Sampler):
     name = "absorbing"
+    switches = ("bf16", "skip-idle", "head-where-drawn", "compile", "cuda-graphs")
+    method = "paper/official: unmask each masked token w.p. 1/t, draw from the denoiser every step"
 
-    def __init__(self, denoiser: Transformer):
-        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size)
+    def __init__(self, denoiser: Transformer, execution: Execution | None = None):
+        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size, execution)
         self.denoiser = denoiser.eval()
         self.mask_id = denoiser.cfg.mask_id
+        self.net = Network(self.denoiser, self.options, dynamic="skip-idle" in self.options)
 
     @torch.no_grad()
     def sample(self, noise: SampleNoise, settings: SamplerSettings, trace: list | None = None) -> torch.Tensor:
         """trace, when given, receives the boolean mask of newly unmasked positions at each step."""
         self.check(settings)
         B, L = len(noise), self.seq_len
+        skip_idle, head_where_drawn = "skip-idle" in self.options, "head-where-drawn" in self.options
         x = torch.full((B, L), self.mask_id, dtype=torch.long, device=noise.device)
         unmasked = torch.zeros((B, L), dtype=torch.bool, device=noise.device)
+        every_sample = torch.arange(B, device=noise.device)
+        passes = 0
         for t in range(settings.steps, 0, -1):
             changes = (noise.rand(L) < 1.0 / t) & ~unmasked
             unmasked |= changes
-            logits = self.denoiser(x)
-            draws = draw_tokens(logits, noise.rand(L), settings.temperature, settings.top_k, settings.top_p)
-            x = torch.where(changes, draws, x)
+            u = noise.rand(L)  # drawn for every sample and position, used or not: streams stay aligned
             if trace is not None:
                 trace.append(changes.clone())
+            # Only the newly unmasked positions keep their draw, so a sample with none needs no pass
+            # (skip-idle) and only those positions need the head and a draw (head-where-drawn).
+            rows = changes.any(1).nonzero().squeeze(1) if skip_idle else every_sample
+            if len(rows) == 0:
+                continue
+            passes += len(rows)
+            hidden, new = self.net.hidden(x[rows]), changes[rows]
+            if head_where_drawn:
+                r, p = new.nonzero(as_tuple=True)
+                x[rows[r], p] = draw_tokens(self.net.project(hidden[r, p]), u[rows][r, p],
+                                            settings.temperature, settings.top_k, settings.top_p)
+            else:
+                draws = draw_tokens(self.net.project(hidden), u[rows], settings.temperature, settings.top_k,
+                                    settings.top_p)
+                x[rows] = torch.where(new, draws, x[rows])
+        self.passes_per_image = passes / B
         return x
 
     def nfe(self, settings: SamplerSettings) -> int:
+        """Denoiser passes per image as the paper counts them (skip-idle runs fewer; bench perf
+        reports the passes it actually ran)."""
         return settings.steps
-
-    def execution(self) -> str:
-        return "paper/official: unmask each masked token w.p. 1/t, full denoiser pass every step, fp32"
 
 
 @register_sampler("absorbing", prior="absorbing")
-def _absorbing(priors: dict, device="cpu") -> Sampler:
+def _absorbing(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
     if "absorbing" not in priors:
         raise BenchError("sampler 'absorbing' needs an absorbing prior; set priors.absorbing for this dataset in bench.toml")
-    return AbsorbingSampler(priors["absorbing"].to(device))
+    return AbsorbingSampler(priors["absorbing"].to(device), execution)

@@ -57,17 +57,20 @@ def main():
 @click.option("--steps", callback=_int_list, default=None, help="Comma-separated step counts, overriding the sweep's")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Generated samples per row  [default: from config]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: run.device]")
+@click.option("--execution", default=None,
+              help="Speed switches, e.g. fast or bf16+skip-idle (bench/execution.py)  [default: run.execution, plain]")
 @click.option("--run-name", default=None, help="Folder name of the run  [default: a timestamp]")
 @click.option("--resume", is_flag=True, help="Continue an unfinished run, keeping its finished rows.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
-def run(dataset, config_path, profile, samplers, steps, num_samples, device, run_name, resume, force, quiet):
+def run(dataset, config_path, profile, samplers, steps, num_samples, device, execution, run_name, resume, force,
+        quiet):
     """Run the whole protocol and write results/<dataset>/<run-name>/."""
     from .config import load_config
     from .protocol import RunRequest, run as run_protocol
     cfg = load_config(config_path, profile)
-    req = RunRequest(dataset, samplers, steps, num_samples, device, run_name, resume, force, not quiet)
+    req = RunRequest(dataset, samplers, steps, num_samples, device, execution, run_name, resume, force, not quiet)
     run_dir = run_protocol(cfg, req)
     from .distributed import from_env
     if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
@@ -109,11 +112,12 @@ def train(dataset, model, out, seed, steps, config_path):
               help="Sample indices first-index .. first-index+num-1")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: run.execution, plain]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
 @config_option
 @_user_errors
-def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_index, batch_size, device, out,
-           config_path):
+def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_index, batch_size, device, execution,
+           out, config_path):
     """Draw samples: FILE.npz holds `tokens` (N, h, w) int64 and `images` (N, H, W, C) uint8."""
     import numpy as np
     from .checkpoints import atomic_write_bytes
@@ -123,7 +127,9 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
     import io
     cfg = load_config(config_path)
     ds = cfg.dataset(dataset)
-    pipe = load_pipeline(cfg, ds, device or cfg.run["device"], [sampler])
+    from .execution import Execution
+    pipe = load_pipeline(cfg, ds, device or cfg.run["device"], [sampler],
+                         Execution.parse(execution or cfg.run["execution"]))
     s = pipe.make_sampler(sampler)
     settings = SamplerSettings(sampler, steps if s.takes_steps else None, temperature, top_k, top_p)
     tokens = generate(s, settings, seed, range(first_index, first_index + num), batch_size, pipe.device)
@@ -131,7 +137,7 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
     hw = pipe.vq.cfg.latent_hw
     buf = io.BytesIO()
     np.savez(buf, tokens=tokens.reshape(-1, hw, hw), images=images, seed=seed,
-             indices=np.arange(first_index, first_index + num))
+             indices=np.arange(first_index, first_index + num), execution=s.execution())
     atomic_write_bytes(Path(out), buf.getvalue())
     click.echo(f"wrote {out}: tokens {tokens.reshape(-1, hw, hw).shape}, images {images.shape} ({settings.label()})")
 
@@ -229,13 +235,16 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
 
 @main.command()
 @click.option("--dataset", default=None, help="Time this dataset's configured models  [default: run.dataset]")
-@click.option("--shape", type=click.Choice(["churches"]), default=None,
+@click.option("--shape", type=click.Choice(["churches", "tiny"]), default=None,
               help="Time random weights at a named model shape instead of a dataset's models.")
 @click.option("--samplers", callback=_str_list, default="absorbing,autoregressive", show_default=True)
 @click.option("--steps", callback=_int_list, default=None, help="Step counts of step-taking samplers  [default: 1,4,16,64 or 50,256]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: timing.batch_size]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--execution", "executions", multiple=True, default=("plain",), show_default=True,
+              help="Speed switches (bench/execution.py), e.g. plain, fast, bf16+skip-idle; repeat to time several.")
+@click.option("--batch-size", callback=_int_list, default=None, help="Comma-separated batch sizes  [default: timing.batch_size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--features/--no-features", default=True, show_default=True,
+              help="Time feature extraction too (the dataset's extractor; inception-v3-compat for --shape).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="[default: timing.warmup]")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="[default: timing.repeats]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -244,51 +253,36 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
               help="Also state the hours one row of this many samples takes at the measured img/s.")
 @config_option
 @_user_errors
-def perf(dataset, shape, samplers, steps, batch_size, dtype, device, warmup, repeats, out, estimate_samples,
-         config_path):
-    """Timing only: img/s, tokens/s, per-phase times, NFE, MFU and peak memory, in the results schema."""
-    import json
+def perf(dataset, shape, samplers, steps, executions, batch_size, device, features, warmup, repeats, out,
+         estimate_samples, config_path):
+    """Timing only: per-phase times, img/s, NFE, MFU and peak memory of each sampler x execution x batch."""
     import time as _time
     import torch
-    from .checkpoints import atomic_write_text
     from .config import load_config
-    from .perf import dataset_models, random_models, run_perf
+    from .execution import Execution
+    from .perf import attach_extractor, dataset_models, plan_rows, random_models, run_perf, write_perf
     from .protocol import _load_baselines
-    from .report import render_markdown
-    from .results import to_csv
-    from .samplers import SAMPLERS, SamplerSettings
     cfg = load_config(config_path)
     device = torch.device(device or cfg.run["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    torch_dtype = getattr(torch, dtype)
     _load_baselines()
-    models = random_models(shape, device, torch.float32) if shape else dataset_models(cfg, cfg.dataset(dataset), device, torch.float32)
-    steps = steps or ([50, 256] if shape else [1, 4, 16, 64])
-    plan = []
-    for name in samplers:
-        if name not in SAMPLERS:
-            raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
-        takes_steps = SAMPLERS[name](models.priors, device).takes_steps
-        plan += [SamplerSettings(name, s, 1.0) for s in steps] if takes_steps else [SamplerSettings(name, None, 1.0)]
-    result = run_perf(models, plan, batch_size or cfg.timing["batch_size"], cfg.timing["warmup"] if warmup is None else warmup,
-                      repeats or cfg.timing["repeats"], device, torch_dtype)
+    if shape:
+        models = random_models(shape, device)
+        if features:
+            attach_extractor(models, "inception-v3-compat", device, cfg.metrics.get("inception_weights"))
+    else:
+        ds = cfg.dataset(dataset)
+        models = dataset_models(cfg, ds, device)
+        if features:
+            attach_extractor(models, ds.extractor, device, cfg.metrics.get("inception_weights")
+                             if ds.extractor == "inception-v3-compat" else None)
+    rows = plan_rows(models, samplers, steps or ([50, 256] if shape else [1, 4, 16, 64]),
+                     [Execution.parse(e) for e in executions], batch_size or [cfg.timing["batch_size"]], device)
+    result = run_perf(models, rows, cfg.timing["warmup"] if warmup is None else warmup,
+                      repeats or cfg.timing["repeats"], device)
     out = Path(out) if out else _results_dir(cfg) / "perf" / _time.strftime("%Y%m%d-%H%M%S")
-    rows = [{"dataset": shape or cfg.dataset(dataset).name, **r, "estimate_samples": estimate_samples,
-             "estimate_hours": estimate_samples / r["img_per_s"] / 3600} for r in result["rows"]]
-    atomic_write_text(out / "results.json", json.dumps({**result, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "results.csv", to_csv(rows))
-    header = ["row", "batch", "dtype", "sample s/batch", "decode s/batch", "img/s", "sampling img/s", "NFE",
-              "GFLOP/img", "MFU", "peak MB", f"hours per {estimate_samples}"]
-    body = [[r["label"], r["batch_size"], r["dtype"], r["sample_s_per_batch"], r["decode_s_per_batch"], r["img_per_s"],
-             r["sampling_img_per_s"], r["nfe"], (r["flops_per_image"] or 0) / 1e9, r["mfu"], r["peak_mem_mb"],
-             r["estimate_hours"]]
-            for r in rows]
-    text = (f"# perf: {result['source']}\n\ndevice: {result['device']}; matmul peak "
-            f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['peak_basis']}); warm-up {result['warmup']}, "
-            f"median of {result['repeats']}\n\n" + render_markdown(header, body, 3))
-    atomic_write_text(out / "results.md", text)
-    click.echo(text)
+    click.echo(write_perf(result, out, estimate_samples))
     click.echo(f"wrote {out}")
 
 

@@ -61,7 +61,8 @@ def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch:
         ref = ref_by.get(row["slug"])
         if ref is None:
             continue
-        entry = {"slug": row["slug"], "label": row.get("label", row["slug"]), "metrics": {}}
+        entry = {"slug": row["slug"], "label": row.get("label", row["slug"]), "metrics": {},
+                 "switches": {"ref": ref.get("switches", "plain"), "run": row.get("switches", "plain")}}
         for m in METRICS:
             a, b = ref.get(m), row.get(m)
             if a is None and b is None:

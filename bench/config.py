@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BenchError
+from .execution import Execution
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
 
@@ -30,7 +31,7 @@ DATASET_SCHEMA = {
 THRESHOLD_SCHEMA = {"fid_ceiling": "table:float", "fid_regression": float, "throughput_regression": float}
 SCHEMA = {
     "run": {"dataset": str, "results_dir": str, "seed": int, "device": str, "batch_size": int,
-            "cache_dir": str},
+            "cache_dir": str, "execution": str},   # execution: speed switches (bench.execution)
     "metrics": {"pr_k": int, "dc_k": int, "kid_subset_size": int, "kid_subsets": int,
                 "inception_weights": str,   # bench.inception: an explicit Inception weights file
                 "cleanfid_check": bool},    # add clean-fid's FID of the same statistics to every row
@@ -161,7 +162,7 @@ class Config:
 
 
 RUN_DEFAULTS = {"dataset": "digits", "results_dir": "results", "seed": 0, "device": "cpu", "batch_size": 250,
-                "cache_dir": "~/.cache/bench"}
+                "cache_dir": "~/.cache/bench", "execution": "plain"}
 METRIC_DEFAULTS = {"pr_k": 3, "dc_k": 5, "kid_subset_size": 1000, "kid_subsets": 100}
 TIMING_DEFAULTS = {"warmup": 1, "repeats": 3, "batch_size": 64}
 DATASET_KINDS = ("digits", "folder", "lsun")
@@ -244,6 +245,10 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
                 raise BenchError(f"{where}: {section}.{k} must be positive, got {v}")
     if run["device"] not in ("cpu", "cuda") and not run["device"].startswith("cuda:"):
         raise BenchError(f"{where}: run.device must be 'cpu' or 'cuda', got {run['device']!r}")
+    try:
+        Execution.parse(run["execution"])
+    except BenchError as e:
+        raise BenchError(f"{where}: run.{e}") from None
     return Config(path=path, raw=raw, run=run, metrics=metrics, timing=timing, datasets=datasets,
                   thresholds=raw.get("thresholds", {}), profile=profile)
 

@@ -243,15 +243,19 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
         self.n_head, self.causal, self.attn_pdrop = cfg.n_head, cfg.causal, cfg.attn_pdrop
 
-    def forward(self, x, cache: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x, cache: "KVCache | None" = None, layer: int = 0, pos: torch.Tensor | None = None):
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        if cache is not None:
+        mask = None
+        if pos is not None:  # static shapes: write at pos, attend to the whole cache, later keys masked
+            k, v = cache.write_at(layer, pos, k, v)
+            mask = (torch.arange(k.shape[2], device=k.device) <= pos).view(1, 1, 1, -1)
+        elif cache is not None:
             k, v = cache.append(layer, k, v)
         # With a cache the new queries are the last positions, so they may see every cached key.
         causal = self.causal and cache is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -265,8 +269,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_emb, 4 * cfg.n_emb), nn.GELU(),
                                  nn.Linear(4 * cfg.n_emb, cfg.n_emb), nn.Dropout(cfg.resid_pdrop))
 
-    def forward(self, x, cache=None, layer: int = 0):
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x, cache=None, layer: int = 0, pos=None):
+        x = x + self.attn(self.ln1(x), cache, layer, pos)
         return x + self.mlp(self.ln2(x))
 
 
@@ -276,8 +280,10 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_head: int, max_len: int, head_dim: int,
                  device, dtype):
         shape = (n_layers, batch, n_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: the static-shape step multiplies masked-out positions by a weight of 0,
+        # and 0 * (NaN left in uninitialised memory) would be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self._pending = 0
 
@@ -291,6 +297,13 @@ class KVCache:
     def advance(self):
         self.length += self._pending
         self._pending = 0
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """One new position given as a tensor (so a compiled step never sees a new shape): the
+        whole cache of this layer, unfilled positions included (the caller masks them)."""
+        self.k[layer].index_copy_(2, pos.view(1), k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, pos.view(1), v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
 class Transformer(nn.Module):
@@ -331,6 +344,14 @@ class Transformer(nn.Module):
         Causal without cache: T' = T + 1 (start token prepended). Causal with cache: idx holds
         only the new tokens (possibly none, on the first call) and positions continue from the cache.
         """
+        return self.project(self.hidden(idx, cache))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: hidden states (..., n_emb) -> logits (..., codebook_size)."""
+        return self.head(self.ln_f(hidden))
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk: token ids (B, T) -> hidden states (B, T', n_emb) before the final norm."""
         x = self.tok_emb(idx)
         start = 0
         if self.cfg.causal:
@@ -346,12 +367,21 @@ class Transformer(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.advance()
-        return self.head(self.ln_f(x))
+        return x
 
-    def new_cache(self, batch: int) -> KVCache:
+    def hidden_at(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Causal prior, one step with static shapes: the token ids (B, 1) that sit at position
+        `pos` (a one-element tensor, >= 1: position 0 is the start token, fed by hidden(.., cache))
+        -> hidden states (B, 1, n_emb). Same result as hidden(idx, cache) up to float rounding."""
+        x = self.tok_emb(idx) + self.pos_emb[:, pos.view(1)]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, pos)
+        return x
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.cfg
         p = self.head.weight
-        return KVCache(c.n_layers, batch, c.n_head, c.block_size, c.n_emb // c.n_head, p.device, p.dtype)
+        return KVCache(c.n_layers, batch, c.n_head, c.block_size, c.n_emb // c.n_head, p.device, dtype or p.dtype)
 
 
 def config_dict(cfg) -> dict:

@@ -1,9 +1,11 @@
 """`bench perf`: the timing protocol alone, on a configured dataset's models or at a named shape with
 random weights (the paper's churches shape: 24 layers, width 512, 8 heads, 256 tokens, codebook 1024).
 
-Every row says how it ran (sampler execution, dtype, batch) and reports sampling and decoding apart,
-img/s, tokens/s, NFE, analytic FLOPs per image, MFU against a matmul peak measured on the same
-device, and peak memory.
+Every row says how it ran (sampler, execution switches, dtype, batch) and reports sampling, decoding
+and feature extraction apart: img/s of sampling alone and end to end, tokens/s, NFE, the network
+passes per image actually run, analytic FLOPs, MFU against a matrix-multiply peak measured on the same
+device (bf16 on CUDA), peak memory, and the speed-up over the plain row of the same settings and
+batch measured in the same run.
 """
 from __future__ import annotations
 
@@ -12,16 +14,23 @@ from dataclasses import dataclass
 
 import torch
 
+from . import absorbing  # noqa: F401  (registers the absorbing sampler)
+from .data import to_uint8
 from .errors import BenchError
+from .execution import Execution
 from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 from .samplers import SAMPLER_PRIORS, SAMPLERS, SampleNoise, Sampler, SamplerSettings
-from .timing import device_name, median_seconds, peak_memory_mb, reset_peak_memory
+from .timing import device_name, median_seconds, time_phases
 
 SHAPES = {
     # (transformer, VQ) at the size of the official churches/bedrooms/ffhq models
     "churches": (dict(codebook_size=1024, block_size=256, n_layers=24, n_head=8, n_emb=512),
                  dict(img_size=256, n_channels=3, nf=128, ch_mult=[1, 1, 2, 2, 4], res_blocks=2,
                       attn_resolutions=[16], codebook_size=1024, emb_dim=256)),
+    # a few layers at 32x32: smoke runs of the GPU script and of `bench perf` on a CPU
+    "tiny": (dict(codebook_size=64, block_size=64, n_layers=2, n_head=4, n_emb=64),
+             dict(img_size=32, n_channels=3, nf=32, ch_mult=[1, 1, 2], res_blocks=1,
+                  attn_resolutions=[8], codebook_size=64, emb_dim=32)),
 }
 
 
@@ -33,10 +42,12 @@ def forward_flops(cfg: TransformerConfig, new_tokens: int, context: int) -> floa
 
 
 def flops_per_image(sampler: Sampler, settings: SamplerSettings, cfg: TransformerConfig) -> float | None:
+    """FLOPs of the passes the last sample() call ran (skip-idle runs fewer than the steps)."""
     L = cfg.block_size
     name = sampler.name
     if name in ("absorbing", "maskgit"):
-        return settings.steps * forward_flops(cfg, L, L)
+        passes = sampler.passes_per_image if sampler.passes_per_image is not None else settings.steps
+        return passes * forward_flops(cfg, L, L)
     if name == "autoregressive":      # one new token per step, attending to the cache
         return sum(forward_flops(cfg, 1, i + 1) for i in range(L))
     if name == "autoregressive-recompute":  # the whole prefix (and start token) every step
@@ -45,7 +56,7 @@ def flops_per_image(sampler: Sampler, settings: SamplerSettings, cfg: Transforme
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
-    """Measured FLOP/s of a square matmul: the best of a few timed repeats."""
+    """Measured FLOP/s of a square matmul: the median of a few timed repeats."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -58,72 +69,171 @@ class PerfModels:
     priors: dict[str, Transformer]
     vq: VQAutoEncoder
     source: str
+    extractor: object | None = None    # bench.features.Extractor, or None: features not timed
+    extractor_note: str = ""
 
 
-def random_models(shape: str, device, dtype, seed: int = 0) -> PerfModels:
+def random_models(shape: str, device) -> PerfModels:
     if shape not in SHAPES:
         raise BenchError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     tcfg, vcfg = SHAPES[shape]
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     priors = {"absorbing": Transformer(TransformerConfig(**tcfg)),
               "autoregressive": Transformer(TransformerConfig(**tcfg, causal=True))}
     vq = VQAutoEncoder(VQConfig(**vcfg))
-    return PerfModels({k: m.to(device, dtype).eval() for k, m in priors.items()}, vq.to(device, dtype).eval(),
-                      f"{shape} shape, random weights (seed {seed})")
+    return PerfModels({k: m.to(device).eval() for k, m in priors.items()}, vq.to(device).eval(),
+                      f"{shape} shape, random weights (seed 0)")
 
 
-def dataset_models(cfg, ds, device, dtype) -> PerfModels:
+def dataset_models(cfg, ds, device) -> PerfModels:
     """The configured tokenizer and priors of a dataset (no data needed)."""
     from .config import checkpoint_path
     from .models import load_transformer, load_vq
     vq, _ = load_vq(checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer"), official_hparams=ds.official_hparams)
     priors = {kind: load_transformer(checkpoint_path(cfg, ds, stem, f"priors.{kind}"), kind,
-                                     official_hparams=ds.official_hparams)[0].to(device, dtype).eval()
+                                     official_hparams=ds.official_hparams)[0].to(device).eval()
               for kind, stem in ds.priors.items()}
-    return PerfModels(priors, vq.to(device, dtype).eval(), f"dataset {ds.name}: {ds.tokenizer}, {ds.priors}")
+    return PerfModels(priors, vq.to(device).eval(), f"dataset {ds.name}: {ds.tokenizer}, {ds.priors}")
 
 
-def time_row(models: PerfModels, sampler_name: str, settings: SamplerSettings, batch: int, warmup: int,
-             repeats: int, device, dtype: torch.dtype, peak: float) -> dict:
-    sampler = SAMPLERS[sampler_name](models.priors, device)
+def attach_extractor(models: PerfModels, name: str, device, weights_path: str | None = None) -> None:
+    """Time feature extraction with this extractor, or say in the result why features were not timed."""
+    from .features import load_extractor
+    try:
+        models.extractor = load_extractor(name, str(device), weights_path=weights_path)
+        models.extractor_note = f"features: {name}"
+    except BenchError as e:
+        models.extractor, models.extractor_note = None, f"features not timed ({name}: {e})"
+
+
+@dataclass(frozen=True)
+class PerfRow:
+    settings: SamplerSettings
+    execution: Execution
+    batch: int
+
+
+def time_row(models: PerfModels, row: PerfRow, warmup: int, repeats: int, device, peak: float) -> dict:
+    settings, batch = row.settings, row.batch
+    sampler = SAMPLERS[settings.sampler](models.priors, device, row.execution)
     sampler.check(settings)
     cfg = next(iter(models.priors.values())).cfg
     hw = int(cfg.block_size ** 0.5)
-    box = {}
 
     def sample():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            box["tokens"] = sampler.sample(SampleNoise(0, range(batch), device), settings)
-
-    def decode():
         with torch.no_grad():
-            models.vq.decode(box["tokens"].reshape(batch, hw, hw))
+            return sampler.sample(SampleNoise(0, range(batch), device), settings)
 
-    reset_peak_memory(device)
-    s = median_seconds(sample, warmup, repeats, device)
-    d = median_seconds(decode, warmup, repeats, device)
+    def decode(tokens):
+        with torch.no_grad():  # as `bench run`: uint8 images on the host, the extractor's input
+            return to_uint8(models.vq.decode(tokens.reshape(batch, hw, hw)))
+
+    t = time_phases(sample, decode, models.extractor, warmup, repeats, device)
+    s, d, f = t["sample_s_per_batch"], t["decode_s_per_batch"], t["features_s_per_batch"]
     flops = flops_per_image(sampler, settings, cfg)
-    return {"sampler": sampler_name, "steps": settings.steps, "temperature": settings.temperature,
-            "batch_size": batch, "img_per_s": batch / (s + d), "sampling_img_per_s": batch / s,
-            "tokens_per_s": batch * cfg.block_size / s, "sample_s_per_batch": s, "decode_s_per_batch": d,
-            "nfe": sampler.nfe(settings), "flops_per_image": flops,
-            "mfu": (flops * batch / s) / peak if flops else None, "peak_mem_mb": peak_memory_mb(device),
-            "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "execution": sampler.execution(), "label": settings.label()}
+    return {"sampler": settings.sampler, "steps": settings.steps, "temperature": settings.temperature,
+            "switches": sampler.options.spec(), "dtype": sampler.options.dtype, "batch_size": batch,
+            "img_per_s": batch / (s + d), "sampling_img_per_s": batch / s,
+            "end_to_end_img_per_s": batch / (s + d + f) if f is not None else None,
+            "end_to_end_overhead": (d + f) / s if f is not None else None,
+            "tokens_per_s": batch * cfg.block_size / s, **t,
+            "nfe": sampler.nfe(settings), "passes_per_image": sampler.passes_per_image,
+            "flops_per_image": flops, "mfu": (flops * batch / s) / peak if flops else None,
+            "device": device_name(device), "execution": sampler.execution(), "label": settings.label()}
 
 
-def run_perf(models: PerfModels, plan: list[SamplerSettings], batch: int, warmup: int, repeats: int,
-             device, dtype: torch.dtype, progress: bool = True) -> dict:
+def plan_rows(models: PerfModels, samplers: list[str], steps: list[int], executions: list[Execution],
+              batches: list[int], device) -> list[PerfRow]:
+    """Every sampler (at every step count where it takes steps) x execution x batch size."""
+    rows = []
+    for name in samplers:
+        if name not in SAMPLERS:
+            raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
+        needed = SAMPLER_PRIORS.get(name)
+        if needed is not None and needed not in models.priors:
+            raise BenchError(f"sampler {name!r} needs a {needed} prior, which this model set lacks")
+        takes_steps = SAMPLERS[name](models.priors, device).takes_steps
+        settings = [SamplerSettings(name, s, 1.0) for s in steps] if takes_steps else [SamplerSettings(name, None, 1.0)]
+        rows += [PerfRow(s, e, b) for s in settings for e in executions for b in batches]
+    return rows
+
+
+def run_perf(models: PerfModels, rows: list[PerfRow], warmup: int, repeats: int, device,
+             progress: bool = True) -> dict:
     from tqdm import tqdm
     device = torch.device(device)
+    for row in rows:
+        row.execution.check_device(device)
     peak = matmul_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rows = []
-    for settings in tqdm(plan, desc="perf", disable=not progress):
-        needed = SAMPLER_PRIORS.get(settings.sampler)
-        if needed is not None and needed not in models.priors:
-            raise BenchError(f"sampler {settings.sampler!r} needs a {needed} prior, which this model set lacks")
-        rows.append(time_row(models, settings.sampler, settings, batch, warmup, repeats, device, dtype, peak))
+    out = [time_row(models, row, warmup, repeats, device, peak)
+           for row in tqdm(rows, desc="perf", disable=not progress)]
+    add_speedups(out)
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": models.source, "device": device_name(device),
-            "matmul_peak_tflops": peak / 1e12,
+            "features": models.extractor_note or "features not timed", "matmul_peak_tflops": peak / 1e12,
             "peak_basis": "measured bf16 matmul" if device.type == "cuda" else "measured fp32 matmul (CPU)",
-            "warmup": warmup, "repeats": repeats, "rows": rows}
+            "torch": torch.__version__, "warmup": warmup, "repeats": repeats, "rows": out}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_plain: sampling img/s over the plain row of the same settings measured in the same
+    run, at the same batch size where there is one, else at the plain row's (named in plain_batch)."""
+    plain: dict = {}
+    for r in rows:
+        if r.get("switches") == "plain":
+            plain.setdefault(r["label"], {})[r["batch_size"]] = r["sampling_img_per_s"]
+    for r in rows:
+        by_batch = plain.get(r["label"], {})
+        batch = r["batch_size"] if r["batch_size"] in by_batch else next(iter(by_batch), None)
+        r["speedup_vs_plain"] = r["sampling_img_per_s"] / by_batch[batch] if batch is not None else None
+        r["plain_batch"] = batch
+
+
+PERF_COLUMNS = ("label", "sampling_img_per_s", "end_to_end_img_per_s", "end_to_end_overhead", "features_s_per_batch",
+                "tokens_per_s", "passes_per_image", "flops_per_image", "mfu", "speedup_vs_plain", "plain_batch",
+                "estimate_hours", "execution", "error")
+TABLE_HEADER = ["row", "execution", "batch", "sample s/batch", "decode s/batch", "features s/batch",
+                "sampling img/s", "end-to-end img/s", "e2e overhead", "speed-up", "passes/img", "GFLOP/img",
+                "MFU", "peak MB"]
+
+
+def table_body(rows: list[dict]) -> list[list]:
+    keys = ("switches", "batch_size", "sample_s_per_batch", "decode_s_per_batch", "features_s_per_batch",
+            "sampling_img_per_s", "end_to_end_img_per_s", "end_to_end_overhead", "speedup_vs_plain",
+            "passes_per_image", "flops_per_image", "mfu", "peak_mem_mb")
+    body = []
+    for r in rows:
+        line = [r["label"]] + [r.get(k) for k in keys]
+        line[keys.index("flops_per_image") + 1] = (r.get("flops_per_image") or 0) / 1e9
+        body.append(line)
+    return body
+
+
+def write_perf(result: dict, out, estimate_samples: int | None = None) -> str:
+    """results.json, results.csv and results.md under `out`; -> the Markdown text. A row with an
+    `error` (scripts/perf_gpu.py) keeps its place in the table with the error as its note."""
+    import json
+    from pathlib import Path
+    from .checkpoints import atomic_write_text
+    from .report import render_markdown
+    from .results import to_csv
+    out = Path(out)
+    rows = result["rows"]
+    header, body = list(TABLE_HEADER), table_body(rows)
+    if estimate_samples:
+        header.append(f"hours per {estimate_samples}")
+        for line, r in zip(body, rows):
+            rate = r.get("end_to_end_img_per_s") or r.get("img_per_s")  # with features where they were timed
+            if rate:
+                r.update(estimate_samples=estimate_samples, estimate_hours=estimate_samples / rate / 3600)
+            line.append(r.get("estimate_hours"))
+    if any("error" in r for r in rows):
+        header.append("note")
+        for line, r in zip(body, rows):
+            line.append(r.get("error", ""))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.csv", to_csv(rows, PERF_COLUMNS))
+    text = (f"# perf: {result['source']}\n\ndevice: {result['device']}; torch {result['torch']}; matmul peak "
+            f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['peak_basis']}); {result['features']}; "
+            f"warm-up {result['warmup']}, median of {result['repeats']}\n\n" + render_markdown(header, body, 3))
+    atomic_write_text(out / "results.md", text)
+    return text

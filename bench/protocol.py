@@ -25,8 +25,9 @@ from .errors import BenchError
 from .features import Extractor, extract_features, load_extractor
 from .metrics import cleanfid_cross_check, compute_metrics
 from .models import Transformer, VQAutoEncoder, load_transformer, load_vq
+from .execution import Execution
 from .samplers import SAMPLER_PRIORS, SAMPLERS, SampleNoise, Sampler, SamplerSettings
-from .timing import device_name, median_seconds, peak_memory_mb, reset_peak_memory
+from .timing import device_name, time_phases
 
 CONTROL_ROWS = ("data", "reconstruction", "random-codes")
 GRID_SIZE = 64
@@ -51,6 +52,7 @@ class Pipeline:
     train: object
     heldout: object | None
     hashes: dict
+    execution: Execution = Execution()  # speed switches; the plain fp32 path by default
     dist: distributed.Dist = distributed.SINGLE  # torchrun: this process's rank (bench.distributed)
 
     @property
@@ -62,8 +64,9 @@ class Pipeline:
         if name not in SAMPLERS:
             raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
         if name == "random-codes":
-            return SAMPLERS[name](self.priors, self.device, self.seq_len, self.vq.cfg.codebook_size)
-        return SAMPLERS[name](self.priors, self.device)
+            return SAMPLERS[name](self.priors, self.device, seq_len=self.seq_len,
+                                  codebook_size=self.vq.cfg.codebook_size)
+        return SAMPLERS[name](self.priors, self.device, self.execution)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -82,9 +85,12 @@ def open_split(cfg: Config, ds: DatasetConfig, split: str):
     return open_images(ds.kind, split, {**ds.source, "path": str(dataset_path(cfg, ds, split))})
 
 
-def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str]) -> Pipeline:
+def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str],
+                  execution: Execution | None = None) -> Pipeline:
     """Load and check every input before anything is written."""
     device = torch.device(device)
+    execution = execution or Execution.parse(cfg.run["execution"])
+    execution.check_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     train = open_split(cfg, ds, "train")
@@ -117,7 +123,7 @@ def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[st
     weights = cfg.metrics.get("inception_weights") if ds.extractor == "inception-v3-compat" else None
     extractor = load_extractor(ds.extractor, str(device), weights_path=weights)
     hashes["extractor"] = extractor.weights_sha256
-    pipe = Pipeline(cfg, ds, device, vq.to(device), priors, extractor, train, heldout, hashes)
+    pipe = Pipeline(cfg, ds, device, vq.to(device), priors, extractor, train, heldout, hashes, execution)
     for name in samplers:  # fail now on an unknown sampler or a missing prior
         if name not in CONTROL_ROWS or name == "random-codes":
             pipe.make_sampler(name)
@@ -217,20 +223,15 @@ def _control_batches(pipe: Pipeline, name: str, grid: dict) -> Iterator[np.ndarr
 def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) -> dict:
     t = pipe.cfg.timing
     b, seed = t["batch_size"], pipe.cfg.run["seed"]
-    box = {}
 
     def sample():
         with torch.no_grad():
-            box["tokens"] = sampler.sample(SampleNoise(seed, range(b), pipe.device), settings)
+            return sampler.sample(SampleNoise(seed, range(b), pipe.device), settings)
 
-    def decode():
-        pipe.decode(box["tokens"])
-
-    reset_peak_memory(pipe.device)
-    s = median_seconds(sample, t["warmup"], t["repeats"], pipe.device)
-    d = median_seconds(decode, t["warmup"], t["repeats"], pipe.device)
-    return {"img_per_s": b / (s + d), "sample_s_per_batch": s, "decode_s_per_batch": d,
-            "peak_mem_mb": peak_memory_mb(pipe.device), "batch_size": b}
+    times = time_phases(sample, pipe.decode, pipe.extractor, t["warmup"], t["repeats"], pipe.device)
+    s, d, f = times["sample_s_per_batch"], times["decode_s_per_batch"], times["features_s_per_batch"]
+    return {"img_per_s": b / (s + d), "end_to_end_img_per_s": b / (s + d + f), **times, "batch_size": b,
+            "passes_per_image": sampler.passes_per_image}
 
 
 def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,
@@ -240,7 +241,7 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
     grid: dict = {}
     base = {"dataset": pipe.ds.name, "sampler": name, "steps": None, "temperature": None, "top_k": None,
             "top_p": None, "features": pipe.extractor.name, "device": device_name(pipe.device),
-            "dtype": "float32", "seed": None}
+            "dtype": "float32", "switches": "plain", "seed": None}
     control = name in ("data", "reconstruction")
     if control:
         if pipe.heldout is None:
@@ -255,7 +256,8 @@ def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: in
         starts = pipe.dist.my_batches(range(0, n, batch))  # all batches in a single process
         indices = np.array([i for s in starts for i in range(s, min(s + batch, n))], dtype=np.int64)
         row = {**base, **settings.as_dict(), "slug": settings.slug(), "label": settings.label(),
-               "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution()}
+               "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution(),
+               "switches": sampler.options.spec(), "dtype": sampler.options.dtype}
         if name == "random-codes":
             row.update(slug="random-codes", label="random-codes", temperature=None)
         feats = _sampled_features(pipe, sampler, settings, n, grid, starts, shards, row["label"], progress)
@@ -281,6 +283,7 @@ class RunRequest:
     steps: list[int] | None = None
     num_samples: int | None = None
     device: str | None = None
+    execution: str | None = None  # speed switches (bench.execution); None: run.execution of bench.toml
     run_name: str | None = None
     resume: bool = False
     force: bool = False
@@ -305,7 +308,8 @@ def run(cfg: Config, req: RunRequest) -> Path:
     # torchrun: join the process group; every rank checks the same input, rank 0 alone writes
     dist = distributed.init(device)
     device, main = dist.device(device), dist.is_main
-    pipe = load_pipeline(cfg, ds, device, [name for name, _ in plan])
+    execution = Execution.parse(req.execution or cfg.run["execution"])
+    pipe = load_pipeline(cfg, ds, device, [name for name, _ in plan], execution)
     pipe.dist = dist
     manifest = results.build_manifest(cfg, ds, req, pipe, n, plan)
     if dist.sharded:

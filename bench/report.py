@@ -263,13 +263,15 @@ def write_all(run_dir: Path, manifest: dict, rows: list[dict], paper_rows: list[
     header = (f"# {manifest['dataset']}: {run_dir.name}\n\n"
               f"{manifest['num_samples']} samples per sampler row (control rows use the held-out split), "
               f"reference: the {manifest.get('reference', {}).get('count', '?')} images of the training split, "
-              f"features: {manifest['extractor']}, seed {manifest['seed']}, device: {manifest['device']}.\n\n")
+              f"features: {manifest['extractor']}, seed {manifest['seed']}, device: {manifest['device']}, "
+              f"execution: {manifest.get('execution', 'plain')} (each row's switches in results.csv).\n\n")
+    where = f"{manifest['device']}, execution {manifest.get('execution', 'plain')}"
     outputs = {
         "results.md": (header + markdown_table(rows)).encode(),
         "fid_vs_steps.png": figure_metric_vs_steps(rows, "fid", "FID", title, True, paper_rows),
         "img_per_s_vs_steps.png": figure_metric_vs_steps(rows, "img_per_s", "images / s (sampling + decoding)",
-                                                         f"{title}\n{manifest['device']}", False),
-        "fid_vs_seconds_per_image.png": figure_pareto(rows, f"{title}\n{manifest['device']}"),
+                                                         f"{title}\n{where}", False),
+        "fid_vs_seconds_per_image.png": figure_pareto(rows, f"{title}\n{where}"),
     }
     grids = figure_sample_grids(run_dir, rows)
     if grids is not None:

@@ -30,7 +30,7 @@ from .errors import BenchError
 SCHEMA = ["dataset", "sampler", "steps", "temperature", "top_k", "top_p", "n_samples", "features", "fid",
           "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "img_per_s",
           "sample_s_per_batch", "decode_s_per_batch", "nfe", "peak_mem_mb", "batch_size", "device", "dtype",
-          "seed"]
+          "seed", "switches"]  # DESIGN.md's schema, then the execution switches in effect (bench.execution)
 # What must match for --resume to keep finished rows, and for `bench compare` without --allow-mismatch.
 PROTOCOL_KEYS = ("dataset", "dataset_content", "num_samples", "seed", "extractor", "hashes", "metrics")
 
@@ -81,6 +81,7 @@ def build_manifest(cfg, ds, req, pipe, n: int, plan) -> dict:
         "timing": {**cfg.timing, "peak_mem_mb": "cuda: max allocated; cpu: process peak RSS (high-water mark)"},
         "rows": [s.as_dict() if s is not None else {"sampler": name} for name, s in plan],
         "device": device_name(pipe.device),
+        "execution": pipe.execution.spec(),  # speed switches asked for; each row says which applied
         "versions": versions(),
         "git": git_commit(),
         "dataset_config": {k: v for k, v in asdict(ds).items() if k != "sweep"},
@@ -103,7 +104,10 @@ def check_run_dir(cfg, ds, req, manifest: dict) -> Path:
     if run_dir.exists() and not req.force:
         finished = (run_dir / "results.json").is_file()
         if req.resume and not finished:
-            diff = protocol_differences(read_json(run_dir / "manifest.json"), manifest)
+            old = read_json(run_dir / "manifest.json")
+            diff = protocol_differences(old, manifest)
+            if old.get("execution", "plain") != manifest["execution"]:
+                diff.append(f"execution: {old.get('execution', 'plain')!r} vs {manifest['execution']!r}")
             if diff:
                 raise BenchError(f"cannot resume {run_dir}: its protocol differs ({'; '.join(diff)}); "
                                  f"use a new --run-name or --force")
@@ -221,12 +225,14 @@ def save_grid(run_dir: Path, slug: str, images: np.ndarray) -> None:
     atomic_write_bytes(run_dir / "samples" / f"{slug}.png", image_grid_png(images))
 
 
-def to_csv(rows: list[dict]) -> str:
+def to_csv(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
+    """The columns of SCHEMA, then `extra`; unknown values empty."""
+    fields = SCHEMA + [k for k in extra if k not in SCHEMA]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SCHEMA, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SCHEMA})
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     return buf.getvalue()
 
 

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import BenchError
+from .execution import Execution
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,18 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
 class Sampler:
     """Every sampler: `sample(noise, settings) -> tokens (B, L)` and the network evaluations it costs.
 
-    Subclasses set `name` and implement `sample` and `nfe`. `seq_len` is the number of tokens.
+    Subclasses set `name`, the execution switches they can use (bench.execution) and `method`, and
+    implement `sample` and `nfe`. `seq_len` is the number of tokens; `options` the switches in effect.
     """
     name = "sampler"
     takes_steps = True
+    switches: tuple[str, ...] = ()
+    method = ""
 
-    def __init__(self, seq_len: int, codebook_size: int):
+    def __init__(self, seq_len: int, codebook_size: int, execution: Execution | None = None):
         self.seq_len, self.codebook_size = seq_len, codebook_size
+        self.options = (execution or Execution()).only(self.switches)
+        self.passes_per_image: float | None = None  # network passes per image in the last sample() call
 
     def check(self, settings: SamplerSettings) -> None:
         if self.takes_steps:
@@ -136,10 +142,10 @@ class Sampler:
 
     def execution(self) -> str:
         """How this sampler runs, recorded in every row it produces."""
-        return self.name
+        return f"{self.method}; execution {self.options.spec()} ({self.options.dtype})"
 
 
-# name -> factory(priors: dict of loaded networks, device) -> Sampler; baselines add theirs.
+# name -> factory(priors: dict of loaded networks, device, execution) -> Sampler; baselines add theirs.
 SAMPLERS: dict[str, Callable[..., Sampler]] = {}
 # name -> the kind of prior it needs ("absorbing", "autoregressive") or None
 SAMPLER_PRIORS: dict[str, str | None] = {}
@@ -175,6 +181,7 @@ class RandomCodesSampler(Sampler):
     """The `random-codes` control: every token uniform over the codebook (a ceiling for FID)."""
     name = "random-codes"
     takes_steps = False
+    method = "uniform random codes, no network"
 
     def sample(self, noise: SampleNoise, settings: SamplerSettings) -> torch.Tensor:
         u = noise.rand(self.seq_len)
@@ -183,10 +190,8 @@ class RandomCodesSampler(Sampler):
     def nfe(self, settings: SamplerSettings) -> int:
         return 0
 
-    def execution(self) -> str:
-        return "uniform random codes, no network"
-
 
 @register_sampler("random-codes", prior=None)
-def _random_codes(priors: dict, device="cpu", seq_len: int = 0, codebook_size: int = 0) -> Sampler:
+def _random_codes(priors: dict, device="cpu", execution: Execution | None = None, seq_len: int = 0,
+                  codebook_size: int = 0) -> Sampler:
     return RandomCodesSampler(seq_len, codebook_size)

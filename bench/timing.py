@@ -36,6 +36,23 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, device="
     return statistics.median(run(fn) for _ in range(repeats))
 
 
+def time_phases(sample: Callable[[], object], decode: Callable[[object], object],
+                extract: Callable[[object], object] | None, warmup: int, repeats: int, device) -> dict:
+    """The timing protocol: each phase timed apart (median of `repeats` after `warmup`), on the
+    output of the phase before. sample() -> tokens, decode(tokens) -> images, extract(images).
+    -> seconds per batch of each phase, and the peak memory over all of them."""
+    out: dict = {}
+    reset_peak_memory(device)
+    out["sample_s_per_batch"] = median_seconds(lambda: out.__setitem__("tokens", sample()), warmup, repeats, device)
+    out["decode_s_per_batch"] = median_seconds(lambda: out.__setitem__("images", decode(out["tokens"])),
+                                               warmup, repeats, device)
+    out["features_s_per_batch"] = (median_seconds(lambda: extract(out["images"]), warmup, repeats, device)
+                                   if extract is not None else None)
+    out["peak_mem_mb"] = peak_memory_mb(device)
+    del out["tokens"], out["images"]
+    return out
+
+
 def reset_peak_memory(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":

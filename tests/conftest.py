@@ -3,13 +3,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from bench.cli import main
 from bench.config import DEFAULT_CONFIG
 
 # Tests run beside other work on 2 cores: one thread avoids oversubscription stalls, and no test
 # depends on the thread count.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+
+def bench(*args):
+    """The command line in this process: (exit code, output)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
 
 DIGITS_FOLDER_DATASET = """
 [datasets.folderdigits]

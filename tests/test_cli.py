@@ -4,18 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from bench.cli import main
 from bench.data import digits_split
 from bench.results import SCHEMA
-from conftest import add_folder_dataset
-
-
-def bench(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
+from conftest import add_folder_dataset, bench
 
 
 SMALL_RUN = ("run", "--num-samples", 40, "--steps", "1,4", "--quiet")
@@ -139,16 +132,25 @@ def test_usage_errors_exit_2(workdir):
 
 def test_perf_writes_timing_rows(workdir):
     code, out = bench("perf", "--samplers", "absorbing,autoregressive", "--steps", "2", "--batch-size", 4,
+                      "--execution", "plain", "--execution", "skip-idle+head-where-drawn",
                       "--warmup", 0, "--repeats", 1, "--out", workdir / "perf")
     assert code == 0, out
     result = json.loads((workdir / "perf" / "results.json").read_text())
-    rows = {r["label"]: r for r in result["rows"]}
-    assert set(rows) == {"absorbing, 2 steps, t=1", "autoregressive, t=1"}
-    absorbing = rows["absorbing, 2 steps, t=1"]
+    rows = {(r["label"], r["switches"]): r for r in result["rows"]}
+    # autoregressive has no use for either switch: its second row runs (and says it runs) plain
+    assert set(rows) == {("absorbing, 2 steps, t=1", "plain"), ("absorbing, 2 steps, t=1", "skip-idle+head-where-drawn"),
+                         ("autoregressive, t=1", "plain")}
+    absorbing = rows["absorbing, 2 steps, t=1", "plain"]
     assert absorbing["nfe"] == 2 and absorbing["img_per_s"] > 0 and 0 < absorbing["mfu"]
+    assert absorbing["passes_per_image"] == 2 and absorbing["speedup_vs_plain"] == 1
+    assert absorbing["features_s_per_batch"] > 0 and absorbing["end_to_end_img_per_s"] < absorbing["sampling_img_per_s"]
+    assert result["features"] == "features: digits"
     # analytic FLOPs: 2 full passes of 64 tokens through 4 layers of width 96, plus the head
     d, L, V = 96, 64, 64
     per_token = 4 * (24 * d * d + 4 * L * d) + 2 * d * V
     assert absorbing["flops_per_image"] == 2 * L * per_token
+    fast = rows["absorbing, 2 steps, t=1", "skip-idle+head-where-drawn"]
+    assert fast["passes_per_image"] <= 2 and fast["speedup_vs_plain"] > 0 and fast["dtype"] == "float32"
+    assert fast["flops_per_image"] == fast["passes_per_image"] * L * per_token
     with open(workdir / "perf" / "results.csv") as f:
-        assert next(csv.reader(f)) == SCHEMA
+        assert next(csv.reader(f))[:len(SCHEMA)] == SCHEMA

@@ -3,17 +3,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from bench import features, metrics
-from bench.cli import main
 from bench.data import digits_split
-
-
-def bench(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
+from conftest import bench
 
 
 def png_folder(path, images):

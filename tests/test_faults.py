@@ -11,24 +11,17 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import bench.checkpoints as checkpoints_module
 from bench.checkpoints import WEIGHTS_DIR, atomic_write_text, save_checkpoint
-from bench.cli import main
 from bench.data import LmdbImages, digits_split
 from bench.errors import BenchError
 from bench.models import Transformer, TransformerConfig, load_transformer, load_vq
 from bench.samplers import SAMPLERS, SamplerSettings, generate
-from conftest import add_folder_dataset
+from conftest import add_folder_dataset, bench
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official_tiny"
-
-
-def bench(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def one_error_line(out: str) -> str:
@@ -198,8 +191,8 @@ def test_n_not_divisible_by_the_batch_size(workdir):
 
 
 class NanDenoiser(Transformer):
-    def forward(self, idx, cache=None):
-        return torch.full((*idx.shape, self.cfg.codebook_size), float("nan"))
+    def project(self, hidden):
+        return torch.full((*hidden.shape[:-1], self.cfg.codebook_size), float("nan"))
 
 
 def test_nan_logits_are_an_error_never_a_sample(workdir, monkeypatch):
@@ -208,7 +201,7 @@ def test_nan_logits_are_an_error_never_a_sample(workdir, monkeypatch):
     with pytest.raises(BenchError, match="NaN"):
         generate(sampler, SamplerSettings("absorbing", 2, 1.0), 0, range(3), 2, progress=False)
     # through a run: the shipped prior made to return NaN; one line, exit 2, nothing written
-    monkeypatch.setattr(Transformer, "forward", NanDenoiser.forward)
+    monkeypatch.setattr(Transformer, "project", NanDenoiser.project)
     code, out = bench("run", "--samplers", "absorbing", "--steps", 1, "--num-samples", 4, "--quiet")
     assert code == 2 and "NaN" in one_error_line(out)
     assert not files_under(workdir / "results")

@@ -14,28 +14,22 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from bench import official, paper
 from bench.checkpoints import file_sha256, load_checkpoint
-from bench.cli import main
 from bench.config import load_config
 from bench.errors import BenchError
 from bench.models import load_transformer, load_vq
 from bench.results import SCHEMA, check_run_dir
 from bench.samplers import SamplerSettings
+from conftest import bench
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny"
 VQGAN, ABSORBING, AUTOREGRESSIVE = (FIXTURE / f"{k}_ema_1.th" for k in ("vqgan", "absorbing", "autoregressive"))
 HPARAMS = json.loads((FIXTURE / "hparams.json").read_text())
 PROJECT_RESULTS = Path(__file__).resolve().parent.parent / "results"
 TOL = 1e-4  # fp32; the differences seen are about 2e-6
-
-
-def bench(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,12 @@ import hashlib
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from bench.absorbing import AbsorbingSampler
-from bench.cli import main
 from bench.samplers import SamplerSettings
+from conftest import bench
 
 RUN = ("run", "--num-samples", 40, "--steps", "16", "--samplers", "random-codes,absorbing", "--quiet")
-
-
-def bench(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def set_thresholds(workdir, text):

@@ -104,3 +104,22 @@ def test_cached_vs_recompute_ratio(shape, digits_models):
     ratio = times[False] / times[True]
     print(f"\n{shape}: batch {batch}, {torch.get_num_threads()} threads: cached {batch / times[True]:.2f} img/s, "
           f"recompute {batch / times[False]:.3f} img/s, ratio {ratio:.1f}x")
+
+
+@pytest.mark.parametrize("spec", ["skip-idle+head-where-drawn", "bf16", "fast"])
+def test_switches_vs_plain_ratio(spec, digits_models):
+    """img/s of the absorbing sampler at 64 steps (64 tokens) under speed switches over the plain fp32
+    path, same weights and batch, measured in one process. Exact switches give the plain tokens
+    (checked here too); bf16 agrees in distribution (tests/test_execution.py)."""
+    from bench.absorbing import AbsorbingSampler
+    from bench.execution import Execution
+    denoiser = digits_models[1]
+    settings = SamplerSettings("absorbing", 64, 1.0)
+    plain, fast = AbsorbingSampler(denoiser), AbsorbingSampler(denoiser, Execution.parse(spec))
+    run = lambda s: s.sample(SampleNoise(0, range(BATCH)), settings)  # noqa: E731
+    times = {name: _median_seconds(lambda s=s: run(s), 3) for name, s in (("plain", plain), ("fast", fast))}
+    if "bf16" not in spec:
+        assert torch.equal(run(plain), run(fast))
+    print(f"\nabsorbing 64 steps, batch {BATCH}, {torch.get_num_threads()} threads, {fast.options.spec()}: "
+          f"{BATCH / times['fast']:.1f} vs plain {BATCH / times['plain']:.1f} img/s, "
+          f"{times['plain'] / times['fast']:.2f}x, {fast.passes_per_image:.1f} passes/img")

@@ -10,7 +10,7 @@ import torch
 from bench.errors import BenchError
 from bench.execution import Execution, Network
 from bench.models import Transformer
-from bench.samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
 
 class AutoregressiveSampler(Sampler):
@@ -41,14 +41,17 @@ class AutoregressiveSampler(Sampler):
         B, L = len(noise), self.seq_len
         u = noise.rand(L)
         x = torch.zeros((B, L), dtype=torch.long, device=noise.device)
+        finite = FiniteLogits()
         if self.use_cache:
-            return self._sample_cached(x, u, settings)
-        for i in range(L):
-            logits = self.net(x[:, :i])[:, -1]
-            x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p)
+            self._sample_cached(x, u, settings, finite)
+        else:
+            for i in range(L):
+                logits = self.net(x[:, :i])[:, -1]
+                x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p, finite)
+        finite.check()
         return x
 
-    def _sample_cached(self, x: torch.Tensor, u: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    def _sample_cached(self, x: torch.Tensor, u: torch.Tensor, settings: SamplerSettings, finite: FiniteLogits):
         """The first call feeds only the start token, later calls only the newest token."""
         cache = self._cache_for(len(x))
         for i in range(self.seq_len):
@@ -58,8 +61,7 @@ class AutoregressiveSampler(Sampler):
                 else:
                     hidden = self._step(x[:, i - 1:i], torch.tensor([i], device=x.device), cache)
             logits = self.net.project(hidden[:, -1])
-            x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p)
-        return x
+            x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p, finite)
 
     def _cache_for(self, batch: int):
         dtype = torch.bfloat16 if "bf16" in self.options else None

@@ -15,7 +15,7 @@ import torch
 from bench.errors import BenchError
 from bench.execution import Execution, Network
 from bench.models import Transformer
-from bench.samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's default
 
@@ -51,10 +51,11 @@ class MaskGITSampler(Sampler):
         self.check(settings)
         B, L, S = len(noise), self.seq_len, settings.steps
         x = torch.full((B, L), self.mask_id, dtype=torch.long, device=noise.device)
+        finite = FiniteLogits()
         for s, n_masked in enumerate(masked_after_step(L, S)):
             masked = x == self.mask_id
             logits = self.net(x)
-            draws = draw_tokens(logits, noise.rand(L), settings.temperature, settings.top_k, settings.top_p)
+            draws = draw_tokens(logits, noise.rand(L), settings.temperature, settings.top_k, settings.top_p, finite)
             logp = logits.float().log_softmax(-1).gather(-1, draws.unsqueeze(-1)).squeeze(-1)
             u = noise.rand(L).clamp_(1e-20, 1 - 1e-7)
             gumbel = -torch.log(-torch.log(u))
@@ -66,6 +67,7 @@ class MaskGITSampler(Sampler):
                 x.scatter_(1, remask, self.mask_id)
             if trace is not None:
                 trace.append((x != self.mask_id).sum(1))
+        finite.check()
         return x
 
     def nfe(self, settings: SamplerSettings) -> int:

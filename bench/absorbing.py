@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .errors import BenchError
 from .execution import Execution, Network
 from .models import Transformer
-from .samplers import Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from .samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
 
 LOSS_TYPES = ("elbo", "reweighted_elbo", "mlm")
 
@@ -85,7 +85,7 @@ class AbsorbingSampler(Sampler):
         x = torch.full((B, L), self.mask_id, dtype=torch.long, device=noise.device)
         unmasked = torch.zeros((B, L), dtype=torch.bool, device=noise.device)
         every_sample = torch.arange(B, device=noise.device)
-        passes = 0
+        passes, finite = 0, FiniteLogits()
         for t in range(settings.steps, 0, -1):
             changes = (noise.rand(L) < 1.0 / t) & ~unmasked
             unmasked |= changes
@@ -102,11 +102,12 @@ class AbsorbingSampler(Sampler):
             if head_where_drawn:
                 r, p = new.nonzero(as_tuple=True)
                 x[rows[r], p] = draw_tokens(self.net.project(hidden[r, p]), u[rows][r, p],
-                                            settings.temperature, settings.top_k, settings.top_p)
+                                            settings.temperature, settings.top_k, settings.top_p, finite)
             else:
                 draws = draw_tokens(self.net.project(hidden), u[rows], settings.temperature, settings.top_k,
-                                    settings.top_p)
+                                    settings.top_p, finite)
                 x[rows] = torch.where(new, draws, x[rows])
+        finite.check()
         self.passes_per_image = passes / B
         return x
 

@@ -87,6 +87,10 @@ def format_comparison(cmp: dict) -> str:
         lines.append("protocol differs: " + "; ".join(cmp["protocol_differences"]))
     if not cmp["same_device"]:
         lines.append("devices differ: throughput deltas are not judged")
+    for entry in cmp["rows"]:
+        sw = entry.get("switches", {})
+        if sw and sw["ref"] != sw["run"]:
+            lines.append(f"execution differs for {entry['label']}: REF {sw['ref']}, RUN {sw['run']}")
     lines.append("")
     lines.append("| row | metric | REF | RUN | delta | rel |")
     lines.append("|---|---|---|---|---|---|")

@@ -90,15 +90,42 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+class FiniteLogits:
+    """NaN or +inf logits are an error, never a sample. On a CPU each call is checked at once; on a GPU
+    the finding is kept on the device and checked by `check()` at the end of the batch, so that a
+    sampling step never waits for the GPU just to look (the tokens drawn meanwhile are discarded)."""
+
+    def __init__(self):
+        self.bad: torch.Tensor | None = None
+
+    def note(self, logits: torch.Tensor) -> None:
+        bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
+        if logits.device.type == "cpu":
+            self.bad = bad
+            self.check()
+        else:
+            self.bad = bad if self.bad is None else self.bad | bad
+
+    def check(self) -> None:
+        if self.bad is not None and bool(self.bad):
+            raise BenchError("the model produced NaN or +inf logits; refusing to draw samples from them")
+
+
 def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
-                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+                top_k: int | None = None, top_p: float | None = None,
+                finite: FiniteLogits | None = None) -> torch.Tensor:
     """Categorical draw by inverting the CDF with one uniform per position.
 
     logits (..., V), uniforms (...) in [0, 1). Temperature 0 means argmax (the uniforms are still
-    consumed by the caller, so streams stay aligned across temperatures).
+    consumed by the caller, so streams stay aligned across temperatures). `finite`: the sampler's
+    FiniteLogits for this batch (checked when the batch is done); without one, checked now.
     """
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise BenchError("the model produced NaN or +inf logits; refusing to draw samples from them")
+    if finite is None:
+        finite = FiniteLogits()
+        finite.note(logits)
+        finite.check()
+    else:
+        finite.note(logits)
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import baselines  # noqa: E402,F401  (registers the autoregressive samplers)
 from bench.execution import Execution  # noqa: E402
-from bench.perf import (PerfRow, add_speedups, attach_extractor, matmul_peak_flops, random_models,  # noqa: E402
-                        time_row, write_perf)
+from bench.perf import (PerfRow, add_speedups, attach_extractor, describe_peaks, matmul_peaks,  # noqa: E402
+                        random_models, time_row, write_perf)
 from bench.samplers import SamplerSettings  # noqa: E402
 from bench.timing import device_name  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     models = random_models(args.shape, device)
     if not args.no_features:
         attach_extractor(models, "inception-v3-compat", device)
-    peak = matmul_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peaks = matmul_peaks(device)
     started = time.perf_counter()
     rows = []
     for sampler, steps, spec, batch, warmup, repeats in PLAN:
@@ -72,7 +72,7 @@ def main() -> None:
             rows.append({**base, "error": f"not run: {elapsed:.0f} s of the {args.budget:.0f} s budget spent"})
             continue
         try:
-            row = time_row(models, PerfRow(settings, Execution.parse(spec), batch), warmup, repeats, device, peak)
+            row = time_row(models, PerfRow(settings, Execution.parse(spec), batch), warmup, repeats, device, peaks)
         except Exception as e:  # recorded, so that one failing switch leaves the rest of the table
             row = {**base, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         row["wall_s"] = time.perf_counter() - started - elapsed
@@ -86,8 +86,7 @@ def main() -> None:
     name = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     out = Path(args.out) if args.out else Path("results") / "perf" / name
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": models.source, "device": device_name(device),
-              "features": models.extractor_note or "features not timed", "matmul_peak_tflops": peak / 1e12,
-              "peak_basis": "measured bf16 matmul" if device.type == "cuda" else "measured fp32 matmul (CPU)",
+              **describe_peaks(peaks, device), "features": models.extractor_note or "features not timed",
               "torch": torch.__version__, "warmup": "per row", "repeats": "per row", "plan": PLAN,
               "total_s": time.perf_counter() - started, "rows": rows}
     print(write_perf(result, out, estimate_samples=50000))

@@ -140,6 +140,8 @@ def test_run_records_switches_and_exact_ones_keep_the_numbers(workdir):
     assert rows["autoregressive"]["switches"] == "bf16" and rows["autoregressive"]["dtype"] == "bfloat16"
     assert "execution bf16 (bfloat16)" in rows["autoregressive"]["execution"]
     assert all(r["switches"] == "plain" and r["dtype"] == "float32" for r in plain["rows"])
+    code, out = bench("compare", "plain", "fast")
+    assert code == 0 and "execution differs for absorbing, 4 steps, t=1: REF plain, RUN bf16+skip-idle" in out
     # the exact switches alone reproduce the plain run's metrics bit for bit
     assert bench(*args, "--run-name", "exact", "--execution", "skip-idle+head-where-drawn")[0] == 0
     exact = {r["sampler"]: r for r in load("exact")["rows"]}
@@ -178,3 +180,13 @@ def test_gpu_perf_script_leaves_a_table_whatever_happens(tmp_path):
     assert rows[0]["switches"] == "bf16+skip-idle+head-where-drawn+compile"
     assert all(r["error"].startswith("not run") for r in rows[1:])
     assert "not run" in (tmp_path / "perf" / "results.md").read_text()
+
+
+def test_sample_command_takes_switches_and_records_them(workdir):
+    common = ("sample", "--sampler", "absorbing", "--steps", 8, "--num", 16)
+    assert bench(*common, "--out", workdir / "plain.npz")[0] == 0
+    code, out = bench(*common, "--execution", "skip-idle+head-where-drawn", "--out", workdir / "fast.npz")
+    assert code == 0, out
+    plain, fast = np.load(workdir / "plain.npz"), np.load(workdir / "fast.npz")
+    assert np.array_equal(plain["tokens"], fast["tokens"]) and np.array_equal(plain["images"], fast["images"])
+    assert str(fast["execution"]).endswith("execution skip-idle+head-where-drawn (float32)")

@@ -5,6 +5,8 @@ Forward process: at time t in 1..T every token is replaced by the mask id with p
 Sampling with S steps: all tokens start masked; for t = S..1 each still-masked token is unmasked
 with probability 1/t (so t = 1 unmasks all that remain); every step runs one full denoiser pass,
 draws every position from softmax(logits / temperature) and writes only the newly unmasked ones.
+That is the default; the speed switches skip-idle and head-where-drawn (bench/execution.py) leave out
+only work whose result that rule throws away, so they give the same tokens.
 """
 from __future__ import annotations
 

@@ -105,6 +105,16 @@ def test_bf16_draws_from_nearly_the_same_conditionals(priors):
         assert tv.mean() < 0.01 and tv.max() < 0.05, (tv.mean(), tv.max())
         warmer = _conditionals_tv(Network(net, plain), Network(net, plain), tokens, temperature_b=1.05)[where]
         assert warmer.mean() > 0.01
+    # the compiled autoregressive path's static-shape step, under bf16 with a bf16 cache
+    with torch.no_grad():
+        reference = ar(x0[:, :-1]).softmax(-1)
+        cache, steps = ar.new_cache(256, torch.bfloat16), []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            steps.append(ar.project(ar.hidden(x0[:, :0], cache)[:, -1]).float())
+            for i in range(1, 64):
+                steps.append(ar.project(ar.hidden_at(x0[:, i - 1:i], torch.tensor([i]), cache)[:, -1]).float())
+        tv = 0.5 * (torch.stack(steps, 1).softmax(-1) - reference).abs().sum(-1)
+    assert tv.mean() < 0.01 and tv.max() < 0.05, (tv.mean(), tv.max())
 
 
 def test_bf16_samples_score_like_plain_ones(priors):

@@ -261,22 +261,15 @@ def perf(dataset, shape, samplers, steps, executions, batch_size, device, featur
     from .config import load_config
     from .execution import Execution
     from .perf import attach_extractor, dataset_models, plan_rows, random_models, run_perf, write_perf
-    from .protocol import _load_baselines
+    from .protocol import _load_baselines, check_device, extractor_weights
     cfg = load_config(config_path)
     device = torch.device(device or cfg.run["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    check_device(device)
     _load_baselines()
-    if shape:
-        models = random_models(shape, device)
-        if features:
-            attach_extractor(models, "inception-v3-compat", device, cfg.metrics.get("inception_weights"))
-    else:
-        ds = cfg.dataset(dataset)
-        models = dataset_models(cfg, ds, device)
-        if features:
-            attach_extractor(models, ds.extractor, device, cfg.metrics.get("inception_weights")
-                             if ds.extractor == "inception-v3-compat" else None)
+    models = random_models(shape, device) if shape else dataset_models(cfg, cfg.dataset(dataset), device)
+    if features:
+        name = "inception-v3-compat" if shape else cfg.dataset(dataset).extractor
+        attach_extractor(models, name, device, extractor_weights(cfg, name))
     rows = plan_rows(models, samplers, steps or ([50, 256] if shape else [1, 4, 16, 64]),
                      [Execution.parse(e) for e in executions], batch_size or [cfg.timing["batch_size"]], device)
     result = run_perf(models, rows, cfg.timing["warmup"] if warmup is None else warmup,

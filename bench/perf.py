@@ -99,13 +99,9 @@ def random_models(shape: str, device) -> PerfModels:
 
 def dataset_models(cfg, ds, device) -> PerfModels:
     """The configured tokenizer and priors of a dataset (no data needed)."""
-    from .config import checkpoint_path
-    from .models import load_transformer, load_vq
-    vq, _ = load_vq(checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer"), official_hparams=ds.official_hparams)
-    priors = {kind: load_transformer(checkpoint_path(cfg, ds, stem, f"priors.{kind}"), kind,
-                                     official_hparams=ds.official_hparams)[0].to(device).eval()
-              for kind, stem in ds.priors.items()}
-    return PerfModels(priors, vq.to(device).eval(), f"dataset {ds.name}: {ds.tokenizer}, {ds.priors}")
+    from .protocol import load_models
+    vq, priors, _ = load_models(cfg, ds, device, set(ds.priors))
+    return PerfModels(priors, vq, f"dataset {ds.name}: {ds.tokenizer}, {ds.priors}")
 
 
 def attach_extractor(models: PerfModels, name: str, device, weights_path: str | None = None) -> None:
@@ -140,15 +136,12 @@ def time_row(models: PerfModels, row: PerfRow, warmup: int, repeats: int, device
         with torch.no_grad():  # as `bench run`: uint8 images on the host, the extractor's input
             return to_uint8(models.vq.decode(tokens.reshape(batch, hw, hw)))
 
-    t = time_phases(sample, decode, models.extractor, warmup, repeats, device)
-    s, d, f = t["sample_s_per_batch"], t["decode_s_per_batch"], t["features_s_per_batch"]
+    t = time_phases(sample, decode, models.extractor, batch, warmup, repeats, device)
+    s = t["sample_s_per_batch"]
     flops = flops_per_image(sampler, settings, cfg)
     return {"sampler": settings.sampler, "steps": settings.steps, "temperature": settings.temperature,
-            "switches": sampler.options.spec(), "dtype": sampler.options.dtype, "batch_size": batch,
-            "img_per_s": batch / (s + d), "sampling_img_per_s": batch / s,
-            "end_to_end_img_per_s": batch / (s + d + f) if f is not None else None,
-            "end_to_end_overhead": (d + f) / s if f is not None else None,
-            "tokens_per_s": batch * cfg.block_size / s, **t,
+            "switches": sampler.options.spec(), "dtype": sampler.options.dtype, **t,
+            "tokens_per_s": batch * cfg.block_size / s,
             "nfe": sampler.nfe(settings), "passes_per_image": sampler.passes_per_image,
             "flops_per_image": flops,
             "mfu": (flops * batch / s) / peak_for(peaks, device, sampler.options.dtype) if flops else None,
@@ -182,16 +175,19 @@ def run_perf(models: PerfModels, rows: list[PerfRow], warmup: int, repeats: int,
     peaks = matmul_peaks(device)
     out = [time_row(models, row, warmup, repeats, device, peaks)
            for row in tqdm(rows, desc="perf", disable=not progress)]
-    add_speedups(out)
+    return perf_result(models, device, peaks, out, warmup=warmup, repeats=repeats)
+
+
+def perf_result(models: PerfModels, device: torch.device, peaks: dict[str, float], rows: list[dict], **extra) -> dict:
+    """What results.json of a perf run holds: how it was measured, then the rows, with their speed-ups
+    over the plain rows among them (rows with an `error` have none)."""
+    add_speedups([r for r in rows if "error" not in r])
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": models.source, "device": device_name(device),
-            **describe_peaks(peaks, device), "features": models.extractor_note or "features not timed",
-            "torch": torch.__version__, "warmup": warmup, "repeats": repeats, "rows": out}
-
-
-def describe_peaks(peaks: dict[str, float], device: torch.device) -> dict:
-    return {"matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
+            "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
             "peak_basis": ("MFU against the measured bf16 matmul peak" if device.type == "cuda"
-                           else "MFU against the measured matmul peak of each row's dtype")}
+                           else "MFU against the measured matmul peak of each row's dtype"),
+            "features": models.extractor_note or "features not timed", "torch": torch.__version__, **extra,
+            "rows": rows}
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -85,33 +85,29 @@ def open_split(cfg: Config, ds: DatasetConfig, split: str):
     return open_images(ds.kind, split, {**ds.source, "path": str(dataset_path(cfg, ds, split))})
 
 
-def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str],
-                  execution: Execution | None = None) -> Pipeline:
-    """Load and check every input before anything is written."""
-    device = torch.device(device)
-    execution = execution or Execution.parse(cfg.run["execution"])
-    execution.check_device(device)
+def check_device(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    train = open_split(cfg, ds, "train")
-    heldout = open_split(cfg, ds, "heldout") if ds.kind == "digits" or "heldout" in ds.splits else None
-    if train.resolution != ds.resolution or train.channels != ds.channels:
-        raise BenchError(f"dataset {ds.name}: images are {train.resolution}px x {train.channels} channels, "
-                         f"config says {ds.resolution}px x {ds.channels}")
-    tokenizer = checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer")
-    vq, vq_meta = load_vq(tokenizer, official_hparams=ds.official_hparams)
-    if vq.cfg.img_size != ds.resolution or vq.cfg.n_channels != ds.channels:
-        raise BenchError(f"tokenizer {ds.tokenizer} is for {vq.cfg.img_size}px x {vq.cfg.n_channels} channels, "
-                         f"dataset {ds.name} is {ds.resolution}px x {ds.channels}")
-    hashes = {"tokenizer": checkpoint_sha256(tokenizer)}
-    priors = {}
+
+
+def extractor_weights(cfg: Config, extractor: str) -> str | None:
+    """The weights file bench.toml names for this extractor, if any (metrics.inception_weights)."""
+    return cfg.metrics.get("inception_weights") if extractor == "inception-v3-compat" else None
+
+
+def load_models(cfg: Config, ds: DatasetConfig, device: torch.device,
+                kinds) -> tuple[VQAutoEncoder, dict[str, Transformer], dict]:
+    """The dataset's tokenizer and its priors of `kinds`, checked against each other.
+    -> (vq, priors, checkpoint hashes)."""
     for kind in ds.priors:
         if kind not in ("absorbing", "autoregressive"):
             raise BenchError(f"{cfg.path}: datasets.{ds.name}.priors.{kind}: expected 'absorbing' or 'autoregressive'")
-    _load_baselines()  # unknown samplers are refused below, by make_sampler
-    needed = {SAMPLER_PRIORS.get(s) for s in samplers} - {None}
+    tokenizer = checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer")
+    vq, _ = load_vq(tokenizer, official_hparams=ds.official_hparams)
+    hashes = {"tokenizer": checkpoint_sha256(tokenizer)}
+    priors = {}
     for kind, stem in ds.priors.items():
-        if kind not in needed:  # load only what the requested rows use
+        if kind not in kinds:
             continue
         stem = checkpoint_path(cfg, ds, stem, f"priors.{kind}")
         model, _ = load_transformer(stem, kind, official_hparams=ds.official_hparams)
@@ -120,10 +116,30 @@ def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[st
                              f"tokenizer {ds.tokenizer} has codebook {vq.cfg.codebook_size} and {vq.cfg.latent_hw ** 2} tokens")
         priors[kind] = model.to(device)
         hashes[kind] = checkpoint_sha256(stem)
-    weights = cfg.metrics.get("inception_weights") if ds.extractor == "inception-v3-compat" else None
-    extractor = load_extractor(ds.extractor, str(device), weights_path=weights)
+    return vq.to(device), priors, hashes
+
+
+def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str],
+                  execution: Execution | None = None) -> Pipeline:
+    """Load and check every input before anything is written."""
+    device = torch.device(device)
+    execution = execution or Execution.parse(cfg.run["execution"])
+    execution.check_device(device)
+    check_device(device)
+    train = open_split(cfg, ds, "train")
+    heldout = open_split(cfg, ds, "heldout") if ds.kind == "digits" or "heldout" in ds.splits else None
+    if train.resolution != ds.resolution or train.channels != ds.channels:
+        raise BenchError(f"dataset {ds.name}: images are {train.resolution}px x {train.channels} channels, "
+                         f"config says {ds.resolution}px x {ds.channels}")
+    _load_baselines()  # unknown samplers are refused below, by make_sampler
+    # load only the priors the requested rows use
+    vq, priors, hashes = load_models(cfg, ds, device, {SAMPLER_PRIORS.get(s) for s in samplers} - {None})
+    if vq.cfg.img_size != ds.resolution or vq.cfg.n_channels != ds.channels:
+        raise BenchError(f"tokenizer {ds.tokenizer} is for {vq.cfg.img_size}px x {vq.cfg.n_channels} channels, "
+                         f"dataset {ds.name} is {ds.resolution}px x {ds.channels}")
+    extractor = load_extractor(ds.extractor, str(device), weights_path=extractor_weights(cfg, ds.extractor))
     hashes["extractor"] = extractor.weights_sha256
-    pipe = Pipeline(cfg, ds, device, vq.to(device), priors, extractor, train, heldout, hashes, execution)
+    pipe = Pipeline(cfg, ds, device, vq, priors, extractor, train, heldout, hashes, execution)
     for name in samplers:  # fail now on an unknown sampler or a missing prior
         if name not in CONTROL_ROWS or name == "random-codes":
             pipe.make_sampler(name)
@@ -228,10 +244,8 @@ def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) ->
         with torch.no_grad():
             return sampler.sample(SampleNoise(seed, range(b), pipe.device), settings)
 
-    times = time_phases(sample, pipe.decode, pipe.extractor, t["warmup"], t["repeats"], pipe.device)
-    s, d, f = times["sample_s_per_batch"], times["decode_s_per_batch"], times["features_s_per_batch"]
-    return {"img_per_s": b / (s + d), "end_to_end_img_per_s": b / (s + d + f), **times, "batch_size": b,
-            "passes_per_image": sampler.passes_per_image}
+    times = time_phases(sample, pipe.decode, pipe.extractor, b, t["warmup"], t["repeats"], pipe.device)
+    return {**times, "passes_per_image": sampler.passes_per_image}
 
 
 def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,

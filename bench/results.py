@@ -33,6 +33,10 @@ SCHEMA = ["dataset", "sampler", "steps", "temperature", "top_k", "top_p", "n_sam
           "seed", "switches"]  # DESIGN.md's schema, then the execution switches in effect (bench.execution)
 # What must match for --resume to keep finished rows, and for `bench compare` without --allow-mismatch.
 PROTOCOL_KEYS = ("dataset", "dataset_content", "num_samples", "seed", "extractor", "hashes", "metrics")
+# --resume also keeps the execution switches: finished rows were sampled under them (compare shows
+# differing switches per row instead of refusing). Manifests written before the key existed ran plain.
+RESUME_KEYS = PROTOCOL_KEYS + ("execution",)
+MANIFEST_DEFAULTS = {"execution": "plain"}
 
 
 def versions() -> dict:
@@ -104,10 +108,7 @@ def check_run_dir(cfg, ds, req, manifest: dict) -> Path:
     if run_dir.exists() and not req.force:
         finished = (run_dir / "results.json").is_file()
         if req.resume and not finished:
-            old = read_json(run_dir / "manifest.json")
-            diff = protocol_differences(old, manifest)
-            if old.get("execution", "plain") != manifest["execution"]:
-                diff.append(f"execution: {old.get('execution', 'plain')!r} vs {manifest['execution']!r}")
+            diff = protocol_differences(read_json(run_dir / "manifest.json"), manifest, RESUME_KEYS)
             if diff:
                 raise BenchError(f"cannot resume {run_dir}: its protocol differs ({'; '.join(diff)}); "
                                  f"use a new --run-name or --force")
@@ -167,12 +168,12 @@ class ShardStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def protocol_differences(a: dict, b: dict) -> list[str]:
-    """What differs between two runs' protocols. Checkpoint hashes are compared where both runs
-    loaded the same model (a run of fewer samplers loads fewer priors)."""
+def protocol_differences(a: dict, b: dict, keys: tuple[str, ...] = PROTOCOL_KEYS) -> list[str]:
+    """What differs between two runs' manifests under `keys`. Checkpoint hashes are compared where
+    both runs loaded the same model (a run of fewer samplers loads fewer priors)."""
     out = []
-    for k in PROTOCOL_KEYS:
-        va, vb = a.get(k), b.get(k)
+    for k in keys:
+        va, vb = a.get(k, MANIFEST_DEFAULTS.get(k)), b.get(k, MANIFEST_DEFAULTS.get(k))
         if k == "hashes" and isinstance(va, dict) and isinstance(vb, dict):
             va = {m: h for m, h in va.items() if m in vb}
             vb = {m: h for m, h in vb.items() if m in va}

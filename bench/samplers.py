@@ -120,12 +120,10 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     consumed by the caller, so streams stay aligned across temperatures). `finite`: the sampler's
     FiniteLogits for this batch (checked when the batch is done); without one, checked now.
     """
+    checker = finite or FiniteLogits()
+    checker.note(logits)
     if finite is None:
-        finite = FiniteLogits()
-        finite.note(logits)
-        finite.check()
-    else:
-        finite.note(logits)
+        checker.check()
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)

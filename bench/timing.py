@@ -37,20 +37,21 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, device="
 
 
 def time_phases(sample: Callable[[], object], decode: Callable[[object], object],
-                extract: Callable[[object], object] | None, warmup: int, repeats: int, device) -> dict:
+                extract: Callable[[object], object] | None, batch: int, warmup: int, repeats: int, device) -> dict:
     """The timing protocol: each phase timed apart (median of `repeats` after `warmup`), on the
-    output of the phase before. sample() -> tokens, decode(tokens) -> images, extract(images).
-    -> seconds per batch of each phase, and the peak memory over all of them."""
-    out: dict = {}
+    output of the phase before. sample() -> tokens, decode(tokens) -> images, extract(images), for
+    a batch of `batch` images. -> seconds per batch of each phase, the rates they give, and the
+    peak memory over all of them. img_per_s is the results schema's: sampling and decoding."""
+    last: dict = {}
     reset_peak_memory(device)
-    out["sample_s_per_batch"] = median_seconds(lambda: out.__setitem__("tokens", sample()), warmup, repeats, device)
-    out["decode_s_per_batch"] = median_seconds(lambda: out.__setitem__("images", decode(out["tokens"])),
-                                               warmup, repeats, device)
-    out["features_s_per_batch"] = (median_seconds(lambda: extract(out["images"]), warmup, repeats, device)
-                                   if extract is not None else None)
-    out["peak_mem_mb"] = peak_memory_mb(device)
-    del out["tokens"], out["images"]
-    return out
+    s = median_seconds(lambda: last.__setitem__("tokens", sample()), warmup, repeats, device)
+    d = median_seconds(lambda: last.__setitem__("images", decode(last["tokens"])), warmup, repeats, device)
+    f = median_seconds(lambda: extract(last["images"]), warmup, repeats, device) if extract is not None else None
+    return {"sample_s_per_batch": s, "decode_s_per_batch": d, "features_s_per_batch": f,
+            "img_per_s": batch / (s + d), "sampling_img_per_s": batch / s,
+            "end_to_end_img_per_s": batch / (s + d + f) if f is not None else None,
+            "end_to_end_overhead": (d + f) / s if f is not None else None,
+            "batch_size": batch, "peak_mem_mb": peak_memory_mb(device)}
 
 
 def reset_peak_memory(device) -> None:

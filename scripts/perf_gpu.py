@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import baselines  # noqa: E402,F401  (registers the autoregressive samplers)
 from bench.execution import Execution  # noqa: E402
-from bench.perf import (PerfRow, add_speedups, attach_extractor, describe_peaks, matmul_peaks,  # noqa: E402
-                        random_models, time_row, write_perf)
+from bench.perf import (PerfRow, attach_extractor, matmul_peaks, perf_result, random_models,  # noqa: E402
+                        time_row, write_perf)
 from bench.samplers import SamplerSettings  # noqa: E402
 from bench.timing import device_name  # noqa: E402
 
@@ -62,8 +62,8 @@ def main() -> None:
     peaks = matmul_peaks(device)
     started = time.perf_counter()
     rows = []
+    block_size = models.priors["absorbing"].cfg.block_size
     for sampler, steps, spec, batch, warmup, repeats in PLAN:
-        block_size = models.priors["absorbing"].cfg.block_size
         settings = SamplerSettings(sampler, min(steps, block_size) if steps else None, 1.0)  # tiny: <= 64 steps
         batch = max(1, int(batch * args.batch_scale))
         base = {"label": settings.label(), "sampler": sampler, "steps": steps, "switches": spec, "batch_size": batch}
@@ -82,13 +82,10 @@ def main() -> None:
               flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    add_speedups([r for r in rows if "error" not in r])
     name = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     out = Path(args.out) if args.out else Path("results") / "perf" / name
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": models.source, "device": device_name(device),
-              **describe_peaks(peaks, device), "features": models.extractor_note or "features not timed",
-              "torch": torch.__version__, "warmup": "per row", "repeats": "per row", "plan": PLAN,
-              "total_s": time.perf_counter() - started, "rows": rows}
+    result = perf_result(models, device, peaks, rows, warmup="per row", repeats="per row", plan=PLAN,
+                         total_s=time.perf_counter() - started)
     print(write_perf(result, out, estimate_samples=50000))
     print(f"wrote {out}")
 

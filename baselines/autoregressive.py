@@ -10,22 +10,22 @@ import torch
 from bench.errors import BenchError
 from bench.execution import Execution, Network
 from bench.models import Transformer
-from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens
 
 
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
+    prior_kind = "autoregressive"
     takes_steps = False
     switches = ("bf16", "compile", "cuda-graphs")
+    use_cache = True
 
-    def __init__(self, prior: Transformer, use_cache: bool = True, execution: Execution | None = None):
-        if not use_cache:
-            self.name = "autoregressive-recompute"
-        super().__init__(prior.cfg.block_size, prior.cfg.codebook_size, execution)
+    def __init__(self, prior: Transformer, tokenizer=None, execution: Execution | None = None):
+        super().__init__(prior, tokenizer, execution)
         if not prior.cfg.causal:
             raise BenchError("the autoregressive sampler needs a causal prior (hparams.causal = true)")
-        self.prior = prior.eval()
-        self.use_cache = use_cache
+        self.prior = self.network
+        use_cache = self.use_cache
         self.net = Network(self.prior, self.options, dynamic=not use_cache)
         if use_cache:
             self.method = "raster order, key/value cache (Taming Transformers manner)"
@@ -81,18 +81,17 @@ class AutoregressiveSampler(Sampler):
         return self.seq_len
 
 
-def _prior(priors: dict) -> Transformer:
-    if "autoregressive" not in priors:
-        raise BenchError("the autoregressive samplers need an autoregressive prior; "
-                         "set priors.autoregressive for this dataset in bench.toml")
-    return priors["autoregressive"]
+    def flops_per_image(self, settings: SamplerSettings) -> float:
+        """Cached: one new token per step attending to the cache. Recomputed: the whole prefix (and
+        the start token) every step."""
+        cfg = self.prior.cfg
+        if self.use_cache:
+            return sum(cfg.forward_flops(1, i + 1) for i in range(self.seq_len))
+        return sum(cfg.forward_flops(i + 1, i + 1) for i in range(self.seq_len))
 
 
-@register_sampler("autoregressive", prior="autoregressive")
-def _cached(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
-    return AutoregressiveSampler(_prior(priors).to(device), use_cache=True, execution=execution)
-
-
-@register_sampler("autoregressive-recompute", prior="autoregressive")
-def _recompute(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
-    return AutoregressiveSampler(_prior(priors).to(device), use_cache=False, execution=execution)
+class AutoregressiveRecomputeSampler(AutoregressiveSampler):
+    """The same weights and tokens as `autoregressive`, the whole prefix recomputed for every token
+    (the official Unleashing Transformers baseline's execution)."""
+    name = "autoregressive-recompute"
+    use_cache = False

@@ -12,10 +12,9 @@ import math
 
 import torch
 
-from bench.errors import BenchError
 from bench.execution import Execution, Network
 from bench.models import Transformer
-from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens
 
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's default
 
@@ -34,12 +33,13 @@ def masked_after_step(seq_len: int, steps: int) -> list[int]:
 
 class MaskGITSampler(Sampler):
     name = "maskgit"
+    prior_kind = "absorbing"  # the absorbing prior's denoiser, no retraining
     switches = ("bf16", "compile", "cuda-graphs")
 
-    def __init__(self, denoiser: Transformer, choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
-                 execution: Execution | None = None):
-        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size, execution)
-        self.denoiser = denoiser.eval()
+    def __init__(self, denoiser: Transformer, tokenizer=None, execution: Execution | None = None,
+                 choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE):
+        super().__init__(denoiser, tokenizer, execution)
+        self.denoiser = self.network
         self.net = Network(self.denoiser, self.options)
         self.method = (f"MaskGIT: cosine schedule, choice temperature {choice_temperature:g} annealed linearly, "
                        f"absorbing denoiser")
@@ -74,8 +74,5 @@ class MaskGITSampler(Sampler):
         return settings.steps
 
 
-@register_sampler("maskgit", prior="absorbing")
-def _maskgit(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
-    if "absorbing" not in priors:
-        raise BenchError("sampler 'maskgit' uses the absorbing prior's denoiser; set priors.absorbing in bench.toml")
-    return MaskGITSampler(priors["absorbing"].to(device), execution=execution)
+    def flops_per_image(self, settings: SamplerSettings) -> float:
+        return settings.steps * self.denoiser.cfg.forward_flops(self.seq_len, self.seq_len)

@@ -60,12 +60,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_writable(path: Path, force: bool) -> None:
+    """An output file may be written: it is not a folder or a symlink, and an existing one is replaced
+    only with --force."""
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        raise BenchError(f"output {path} is a folder or a symlink; give a plain file path")
+    if path.exists() and not force:
+        raise BenchError(f"output {path} exists; pass --force to overwrite it or choose another path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise BenchError(f"cannot write {path}: {path.parent} is not a folder")
+
+
 def save_checkpoint(stem: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
     """meta must hold `kind` (vq, absorbing, autoregressive, extractor) and `hparams`."""
     path = resolve(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path.with_suffix(".safetensors"), e) from None
     os.close(fd)
     try:
         save_file(tensors, tmp)
@@ -86,9 +101,13 @@ def load_checkpoint(stem: str | os.PathLike, kind: str | None = None) -> tuple[d
         if not f.is_file():
             raise BenchError(f"checkpoint file {f} not found; train it with `bench train` or fix the path in bench.toml")
     try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BenchError(f"checkpoint metadata {meta_file} is not valid JSON ({e})") from None
+        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BenchError(f"checkpoint metadata {meta_file} is not valid UTF-8 JSON ({e})") from None
+    except OSError as e:
+        raise BenchError(f"cannot read checkpoint metadata {meta_file} ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise BenchError(f"checkpoint metadata {meta_file} must hold a JSON object, got {type(meta).__name__}")
     if kind is not None and meta.get("kind") != kind:
         raise BenchError(f"checkpoint {meta_file} holds a {meta.get('kind')!r} model, expected {kind!r}")
     try:

@@ -31,6 +31,8 @@ def _int_list(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not out or any(v < 1 for v in out):
         raise click.BadParameter(f"expected positive integers, got {value!r}")
+    if len(set(out)) != len(out):
+        raise click.BadParameter(f"{value!r} repeats a value; give each once")
     return out
 
 
@@ -41,6 +43,7 @@ def _str_list(ctx, param, value):
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                              help="Protocol file  [default: bench.toml of the project]")
 profile_option = click.option("--profile", default=None, help="Overlay [profiles.NAME] of the config.")
+force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 
 
 @click.group()
@@ -67,12 +70,12 @@ def main():
 def run(dataset, config_path, profile, samplers, steps, num_samples, device, execution, run_name, resume, force,
         quiet):
     """Run the whole protocol and write results/<dataset>/<run-name>/."""
-    from .config import load_config
-    from .protocol import RunRequest, run as run_protocol
-    cfg = load_config(config_path, profile)
-    req = RunRequest(dataset, samplers, steps, num_samples, device, execution, run_name, resume, force, not quiet)
-    run_dir = run_protocol(cfg, req)
+    from .config import load_config, run_settings
     from .distributed import from_env
+    from .protocol import run as run_protocol
+    settings = run_settings(load_config(config_path, profile), dataset, samplers, steps, num_samples, device,
+                            execution, run_name, resume, force, not quiet)
+    run_dir = run_protocol(settings)
     if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
         click.echo((run_dir / "results.md").read_text())
         click.echo(f"wrote {run_dir}")
@@ -92,8 +95,6 @@ def train(dataset, model, out, seed, steps, config_path):
     from . import train as training
     cfg = load_config(config_path)
     ds = cfg.dataset(dataset)
-    if ds.kind != "digits":
-        raise BenchError(f"bench train supports the embedded digits data only; {dataset!r} is {ds.kind!r}")
     out = out or f"builtin:{dataset}/{model}"
     record = training.train_model(cfg, ds, model, out, seed, steps)
     click.echo(f"wrote {out}: {record}")
@@ -103,9 +104,9 @@ def train(dataset, model, out, seed, steps, config_path):
 @click.option("--sampler", required=True, help="absorbing, autoregressive, maskgit, random-codes, ...")
 @click.option("--dataset", default=None)
 @click.option("--steps", type=click.IntRange(min=1), default=None)
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means argmax")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
 @click.option("--num", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -114,32 +115,19 @@ def train(dataset, model, out, seed, steps, config_path):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: run.execution, plain]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
+@force_option
 @config_option
 @_user_errors
 def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_index, batch_size, device, execution,
-           out, config_path):
+           out, force, config_path):
     """Draw samples: FILE.npz holds `tokens` (N, h, w) int64 and `images` (N, H, W, C) uint8."""
-    import numpy as np
-    from .checkpoints import atomic_write_bytes
     from .config import load_config
-    from .protocol import load_pipeline
-    from .samplers import SamplerSettings, generate
-    import io
+    from .protocol import sample_to_file
     cfg = load_config(config_path)
-    ds = cfg.dataset(dataset)
-    from .execution import Execution
-    pipe = load_pipeline(cfg, ds, device or cfg.run["device"], [sampler],
-                         Execution.parse(execution or cfg.run["execution"]))
-    s = pipe.make_sampler(sampler)
-    settings = SamplerSettings(sampler, steps if s.takes_steps else None, temperature, top_k, top_p)
-    tokens = generate(s, settings, seed, range(first_index, first_index + num), batch_size, pipe.device)
-    images = np.concatenate([pipe.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
-    hw = pipe.vq.cfg.latent_hw
-    buf = io.BytesIO()
-    np.savez(buf, tokens=tokens.reshape(-1, hw, hw), images=images, seed=seed,
-             indices=np.arange(first_index, first_index + num), execution=s.execution())
-    atomic_write_bytes(Path(out), buf.getvalue())
-    click.echo(f"wrote {out}: tokens {tokens.reshape(-1, hw, hw).shape}, images {images.shape} ({settings.label()})")
+    line = sample_to_file(cfg, cfg.dataset(dataset), sampler, steps, temperature, top_k, top_p, num, seed,
+                          first_index, batch_size, device or cfg.run.device, execution or cfg.run.execution,
+                          Path(out), force)
+    click.echo(line)
 
 
 @main.command()
@@ -147,52 +135,12 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
 @_user_errors
 def datasets(config_path):
     """What is configured, and whether its files are present."""
-    from .config import load_config, dataset_path
-    from .data import describe_source
+    from .config import load_config
+    from .protocol import describe_dataset
     cfg = load_config(config_path)
     for name, ds in cfg.datasets.items():
-        click.echo(f"{name} ({ds.kind}, {ds.resolution}px, extractor {ds.extractor}, tokenizer {ds.tokenizer})")
-        if ds.kind == "digits":
-            click.echo(f"  {describe_source('digits', ds.source)}")
-            continue
-        for split in ("train", "heldout"):
-            try:
-                path = dataset_path(cfg, ds, split)
-                line = describe_source(ds.kind, {**ds.source, 'path': str(path)})
-                if not path.exists():
-                    line += f"; {_where_to_set(cfg, ds, split, ds.splits[split])}"
-                click.echo(f"  {split}: {line}")
-            except BenchError as e:
-                click.echo(f"  {split}: not available: {e}")
-        _echo_checkpoints(cfg, ds)
-
-
-def _where_to_set(cfg, ds, key: str, written: str) -> str:
-    """What to change for a missing file: the environment variables its path uses, or the key."""
-    import re
-    names = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", written)
-    via = f"${', $'.join(names)} or " if names else ""
-    return f"set {via}datasets.{ds.name}.{key} (= {written!r}) in {cfg.path}"
-
-
-def _echo_checkpoints(cfg, ds) -> None:
-    """The tokenizer and priors of a dataset, and whether their files are present."""
-    from .checkpoints import resolve
-    from .config import checkpoint_path
-    entries = [("tokenizer", ds.tokenizer)] + [(f"priors.{kind}", stem) for kind, stem in ds.priors.items()]
-    for key, written in entries:
-        try:
-            stem = checkpoint_path(cfg, ds, written, key)
-        except BenchError as e:
-            click.echo(f"  {key}: not available: {e}")
-            continue
-        files = [Path(stem)] if stem.endswith(".th") else [resolve(stem).with_suffix(s) for s in (".safetensors", ".json")]
-        missing = [f for f in files if not f.is_file()]
-        what = "official checkpoint" if stem.endswith(".th") else "checkpoint"
-        if missing:
-            click.echo(f"  {key}: {what} {missing[0]} (missing); {_where_to_set(cfg, ds, key, written)}")
-        else:
-            click.echo(f"  {key}: {what} {files[0]} (present)")
+        for line in describe_dataset(cfg, ds):
+            click.echo(line)
 
 
 @main.command()
@@ -209,11 +157,12 @@ def _echo_checkpoints(cfg, ds) -> None:
               help="Folder for the harness checkpoints vq, absorbing, autoregressive (.safetensors + .json)")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Also load files whose pickle needs more than tensors (this runs code from the file).")
+@click.option("--force", is_flag=True, help="Overwrite checkpoints already in --out.")
 @_user_errors
-def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out, trust_checkpoint):
+def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out, trust_checkpoint, force):
     """Convert official checkpoints to the harness format (tensors and hyperparameters only)."""
     import json
-    from .official import convert_official
+    from .loading.official import convert_official
     if (preset is None) == (hparams_file is None):
         raise BenchError("give exactly one of --preset NAME and --hparams FILE.json")
     hparams = preset
@@ -227,7 +176,7 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
         if not isinstance(hparams, dict):
             raise BenchError(f"hyperparameter file {hparams_file} must hold a JSON object of official flags")
     written = convert_official(vqgan, absorbing, autoregressive, hparams=hparams, out_dir=out,
-                               trust=trust_checkpoint)
+                               trust=trust_checkpoint, force=force)
     inputs = {"vq": vqgan, "absorbing": absorbing, "autoregressive": autoregressive}
     for kind, stem in written.items():
         click.echo(f"wrote {stem}.safetensors and .json ({kind}, from {inputs[kind]})")
@@ -251,36 +200,19 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
               help="Folder for results.json/csv/md  [default: <results_dir>/perf/<timestamp>]")
 @click.option("--estimate-samples", type=click.IntRange(min=1), default=50000, show_default=True,
               help="Also state the hours one row of this many samples takes at the measured img/s.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder's results.")
 @config_option
 @_user_errors
 def perf(dataset, shape, samplers, steps, executions, batch_size, device, features, warmup, repeats, out,
-         estimate_samples, config_path):
+         estimate_samples, force, config_path):
     """Timing only: per-phase times, img/s, NFE, MFU and peak memory of each sampler x execution x batch."""
-    import time as _time
-    import torch
     from .config import load_config
-    from .execution import Execution
-    from .perf import attach_extractor, dataset_models, plan_rows, random_models, run_perf, write_perf
-    from .protocol import _load_baselines, check_device, extractor_weights
+    from .perf import run_perf_command
     cfg = load_config(config_path)
-    device = torch.device(device or cfg.run["device"])
-    check_device(device)
-    _load_baselines()
-    models = random_models(shape, device) if shape else dataset_models(cfg, cfg.dataset(dataset), device)
-    if features:
-        name = "inception-v3-compat" if shape else cfg.dataset(dataset).extractor
-        attach_extractor(models, name, device, extractor_weights(cfg, name))
-    rows = plan_rows(models, samplers, steps or ([50, 256] if shape else [1, 4, 16, 64]),
-                     [Execution.parse(e) for e in executions], batch_size or [cfg.timing["batch_size"]], device)
-    result = run_perf(models, rows, cfg.timing["warmup"] if warmup is None else warmup,
-                      repeats or cfg.timing["repeats"], device)
-    out = Path(out) if out else _results_dir(cfg) / "perf" / _time.strftime("%Y%m%d-%H%M%S")
-    click.echo(write_perf(result, out, estimate_samples))
+    text, out = run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_size, device, features,
+                                 warmup, repeats, Path(out) if out else None, estimate_samples, force)
+    click.echo(text)
     click.echo(f"wrote {out}")
-
-
-def _results_dir(cfg) -> Path:
-    return Path(cfg.run["results_dir"])
 
 
 @main.command()
@@ -293,9 +225,10 @@ def figures(run_dir, dataset, config_path):
     from .compare import find_run
     from .config import load_config
     from .report import write_all
-    from .results import load_run
+    from .results import load_run, refuse_published
     cfg = load_config(config_path)
-    run_dir = find_run(_results_dir(cfg), dataset or cfg.run["dataset"], run_dir)
+    run_dir = find_run(cfg.results_dir(), dataset or cfg.run.dataset, run_dir)
+    refuse_published(run_dir, "writes tables or figures")
     manifest, rows = load_run(run_dir)
     for path in write_all(run_dir, manifest, rows):
         click.echo(f"wrote {path}")
@@ -314,12 +247,12 @@ def compare(ref, run_dir, dataset, allow_mismatch, as_json, config_path):
     under results/<dataset>/, e.g. `paper` or `baseline`)."""
     import json
     from .compare import compare_runs, find_run, format_comparison
-    from .config import load_config
+    from .config import Thresholds, load_config
     cfg = load_config(config_path)
-    dataset = dataset or cfg.run["dataset"]
-    ref_dir = find_run(_results_dir(cfg), dataset, ref)
-    run_dir = find_run(_results_dir(cfg), dataset, run_dir)
-    cmp = compare_runs(ref_dir, run_dir, cfg.thresholds.get(dataset, {}), allow_mismatch)
+    dataset = dataset or cfg.run.dataset
+    ref_dir = find_run(cfg.results_dir(), dataset, ref)
+    run_dir = find_run(cfg.results_dir(), dataset, run_dir)
+    cmp = compare_runs(ref_dir, run_dir, cfg.thresholds.get(dataset, Thresholds()), allow_mismatch)
     click.echo(json.dumps(cmp, indent=2) if as_json else format_comparison(cmp))
 
 
@@ -338,14 +271,14 @@ def check(run_dir, dataset, baseline, as_json, config_path):
     from .config import load_config
     from .results import load_run
     cfg = load_config(config_path)
-    run_dir = find_run(_results_dir(cfg), dataset or cfg.run["dataset"], run_dir)
+    run_dir = find_run(cfg.results_dir(), dataset or cfg.run.dataset, run_dir)
     dataset = load_run(run_dir)[0]["dataset"]
     thresholds = cfg.thresholds.get(dataset)
-    if not thresholds:
+    if thresholds is None:
         raise BenchError(f"{cfg.path} sets no [thresholds.{dataset}]; nothing to check")
     base = None
     try:
-        base = find_run(_results_dir(cfg), dataset, baseline)
+        base = find_run(cfg.results_dir(), dataset, baseline)
     except BenchError:
         if baseline != "baseline":
             raise
@@ -388,69 +321,21 @@ def _config_if_any(config_path):
               help="Extractor weights (digits: a checkpoint stem)  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "
                    "or the caches; clip/dinov2: $BENCH_CLIP_WEIGHTS / $BENCH_DINOV2_WEIGHTS]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option
 @config_option
 @_user_errors
 def features_command(images_dir, extractor_name, out, resolution, channels, batch_size, device, weights, quiet,
-                     config_path):
+                     force, config_path):
     """Features of every image under IMAGES_DIR (recursively, sorted by path).
 
     FILE.npz holds `features` (N, D) float64, `files` (relative paths, in the same order),
     `extractor`, `weights_sha256`, `resolution` and `channels`."""
-    import io
-    import numpy as np
-    from PIL import Image
-    from .checkpoints import atomic_write_bytes
-    from .config import expand_path
-    from .data import FolderImages
-    from .features import extract_features, load_extractor
-    from .inception import NAME as INCEPTION
-    channels = int(channels)
-    if weights is None and extractor_name == INCEPTION:
-        cfg = _config_if_any(config_path)
-        if cfg is not None and cfg.metrics.get("inception_weights"):
-            weights = expand_path(cfg.metrics["inception_weights"], "metrics.inception_weights", str(cfg.path))
-    ext = load_extractor(extractor_name, device, weights_path=weights)
-    if channels not in ext.channels:
-        raise BenchError(f"extractor {ext.name!r} takes {ext.channels} channels, not {channels}")
-    if resolution is None:
-        resolution = ext.resolution
-    if resolution is None:
-        first = FolderImages(images_dir, resolution=1, channels=channels).files[0]
-        try:
-            with Image.open(first) as image:
-                resolution = min(image.size)
-        except OSError as e:
-            raise BenchError(f"cannot read image {first} ({e}); pass --resolution") from None
-    images = FolderImages(images_dir, resolution=resolution, channels=channels)
-
-    def batches():
-        for start in range(0, len(images), batch_size):
-            yield np.stack([images[i] for i in range(start, min(start + batch_size, len(images)))])
-
-    feats = extract_features(ext, batches(), total=len(images), desc=ext.name, progress=not quiet)
-    files = [p.relative_to(images.root).as_posix() for p in images.files]
-    buf = io.BytesIO()
-    np.savez(buf, features=feats, files=np.array(files), extractor=np.array(ext.name),
-             weights_sha256=np.array(ext.weights_sha256), resolution=resolution, channels=channels)
-    atomic_write_bytes(Path(out), buf.getbuffer())
-    click.echo(f"wrote {out}: features {feats.shape} ({ext.name}, {resolution}px, {channels} channel(s))")
-
-
-def _load_feature_file(path: str) -> dict:
-    import zipfile
-    import numpy as np
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise BenchError(f"feature file {path} not found") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BenchError(f"feature file {path} is not a readable .npz ({e})") from None
-    missing = [k for k in ("features", "extractor", "weights_sha256") if k not in data]
-    if missing:
-        raise BenchError(f"feature file {path} lacks {', '.join(missing)}; write it with `bench features`")
-    return {"features": data["features"], "extractor": str(data["extractor"]),
-            "weights_sha256": str(data["weights_sha256"])}
+    from .features import features_of_folder
+    cfg = _config_if_any(config_path)
+    if weights is None and cfg is not None:
+        weights = cfg.extractor_weights(extractor_name)
+    click.echo(features_of_folder(images_dir, extractor_name, Path(out), resolution, int(channels), batch_size,
+                                  device, weights, not quiet, force))
 
 
 @main.command()
@@ -464,8 +349,9 @@ def _load_feature_file(path: str) -> dict:
 def score(real, fake, as_json, memorisation, cleanfid, config_path):
     """Metrics of FAKE against REAL, two files written by `bench features` with the same extractor."""
     import json
+    from .features import load_feature_file
     from .metrics import compute_metrics
-    r, f = _load_feature_file(real), _load_feature_file(fake)
+    r, f = load_feature_file(real), load_feature_file(fake)
     if r["extractor"] != f["extractor"]:
         raise BenchError(f"{real} holds {r['extractor']!r} features and {fake} {f['extractor']!r} features; "
                          f"score features of the same extractor")
@@ -473,7 +359,7 @@ def score(real, fake, as_json, memorisation, cleanfid, config_path):
         raise BenchError(f"{real} and {fake} used different {r['extractor']!r} weights "
                          f"(sha256 {r['weights_sha256'][:12]}... vs {f['weights_sha256'][:12]}...)")
     cfg = _config_if_any(config_path)
-    settings = {**cfg.metrics, "seed": cfg.run["seed"]} if cfg is not None else {}
+    settings = {**cfg.metrics.as_dict(), "seed": cfg.run.seed} if cfg is not None else {}
     settings["memorisation"] = memorisation
     result = compute_metrics(f["features"], r["features"], settings)
     if cleanfid:

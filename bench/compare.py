@@ -4,17 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BenchError
-from .results import load_run, protocol_differences
+from .results import PROTOCOL_KEYS, Row, is_published, load_run, protocol_differences
 
 METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "img_per_s")
-# Stored runs that hold published numbers rather than a protocol run of this harness.
-READ_ONLY_RUNS = ("paper",)
 # Throughput of rows whose timed batch is shorter than this is not judged by `bench check`.
 MIN_TIMED_SECONDS = 0.05
 
 
-def _too_short_to_time(*rows: dict) -> bool:
-    times = [r.get("sample_s_per_batch") for r in rows]
+def _too_short_to_time(*rows: Row) -> bool:
+    times = [r.sample_s_per_batch for r in rows]
     return any(t is None or t < MIN_TIMED_SECONDS for t in times)
 
 
@@ -32,7 +30,7 @@ def find_run(results_dir: Path, dataset: str | None, name: str | None) -> Path:
     if dataset is None:
         raise BenchError("no run given and no dataset to look in; pass a run directory")
     runs = [p.parent for p in (results_dir / dataset).glob("*/results.json")
-            if p.parent.name not in READ_ONLY_RUNS + ("baseline",)]
+            if p.parent.name != "baseline" and not is_published(p.parent)]
     if not runs:
         raise BenchError(f"no finished run under {results_dir / dataset}; run `bench run --dataset {dataset}` first")
     return max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
@@ -49,31 +47,35 @@ def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch:
     """Rows shared by slug, with absolute and relative deltas of RUN against REF."""
     ref_manifest, ref_rows = load_run(ref_dir)
     manifest, rows = load_run(run_dir)
+    if ref_manifest.get("dataset") != manifest.get("dataset"):
+        raise BenchError(f"runs {ref_dir} and {run_dir} are of different datasets ({ref_manifest.get('dataset')!r} "
+                         f"vs {manifest.get('dataset')!r}); bench compares runs of one dataset only")
     published = ref_manifest.get("kind") == "published" or manifest.get("kind") == "published"
-    diff = [] if published else protocol_differences(ref_manifest, manifest)
+    # published numbers state only part of their protocol: compare what they state
+    diff = protocol_differences(ref_manifest, manifest, ("num_samples", "extractor") if published else PROTOCOL_KEYS)
     if diff and not allow_mismatch:
         raise BenchError(f"runs {ref_dir} and {run_dir} follow different protocols ({'; '.join(diff)}); "
                          f"pass --allow-mismatch to compare anyway")
     same_device = ref_manifest.get("device") == manifest.get("device")
-    ref_by = {r["slug"]: r for r in ref_rows}
+    ref_by = {r.slug: r for r in ref_rows}
     out = []
     for row in rows:
-        ref = ref_by.get(row["slug"])
+        ref = ref_by.get(row.slug)
         if ref is None:
             continue
-        entry = {"slug": row["slug"], "label": row.get("label", row["slug"]), "metrics": {},
-                 "switches": {"ref": ref.get("switches", "plain"), "run": row.get("switches", "plain")}}
+        entry = {"slug": row.slug, "label": (row.label or row.slug), "metrics": {},
+                 "switches": {"ref": ref.switches or "plain", "run": row.switches or "plain"}}
         for m in METRICS:
-            a, b = ref.get(m), row.get(m)
+            a, b = getattr(ref, m), getattr(row, m)
             if a is None and b is None:
                 continue
             d, rel = _delta(a, b)
             flag = False
-            if m == "fid" and rel is not None and thresholds.get("fid_regression") is not None:
-                flag = rel > thresholds["fid_regression"]
+            if m == "fid" and rel is not None and thresholds.fid_regression is not None:
+                flag = rel > thresholds.fid_regression
             untimeable = m == "img_per_s" and _too_short_to_time(ref, row)
-            if m == "img_per_s" and rel is not None and thresholds.get("throughput_regression") is not None:
-                flag = same_device and not untimeable and -rel > thresholds["throughput_regression"]
+            if m == "img_per_s" and rel is not None and thresholds.throughput_regression is not None:
+                flag = same_device and not untimeable and -rel > thresholds.throughput_regression
             entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag,
                                    "untimeable": untimeable}
         out.append(entry)
@@ -109,17 +111,21 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
     """Every threshold of bench.toml for this run's dataset. -> {passed, failures, checks}."""
     manifest, rows = load_run(run_dir)
     failures, checks = [], []
-    by = {r["slug"]: r for r in rows}
-    for slug, ceiling in thresholds.get("fid_ceiling", {}).items():
+    by = {r.slug: r for r in rows}
+    for slug, ceiling in thresholds.fid_ceiling.items():
         row = by.get(slug)
         if row is None:
             failures.append(f"{slug}: no such row in the run (a ceiling is set for it)")
             continue
-        ok = row.get("fid") is not None and row["fid"] <= ceiling
-        checks.append(f"{slug}: FID {row.get('fid'):.3f} <= ceiling {ceiling}: {'ok' if ok else 'FAILED'}")
+        if row.fid is None:
+            failures.append(f"{slug}: the row has no FID (a ceiling is set for it)")
+            continue
+        ok = row.fid <= ceiling
+        checks.append(f"{slug}: FID {row.fid:.3f} <= ceiling {ceiling}: {'ok' if ok else 'FAILED'}")
         if not ok:
-            failures.append(f"{slug}: FID {row.get('fid'):.3f} above the ceiling {ceiling}")
-    if baseline_dir is not None and ({"fid_regression", "throughput_regression"} & set(thresholds)):
+            failures.append(f"{slug}: FID {row.fid:.3f} above the ceiling {ceiling}")
+    if baseline_dir is not None and (thresholds.fid_regression is not None
+                                     or thresholds.throughput_regression is not None):
         try:
             cmp = compare_runs(baseline_dir, run_dir, thresholds, allow_mismatch=False)
         except BenchError as e:

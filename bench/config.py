@@ -1,98 +1,372 @@
-"""bench.toml: loading, profile overlays and validation.
+"""bench.toml -> one typed Config; Config plus the command line -> one RunSettings, before anything runs.
 
-Every problem is reported as one BenchError naming the file, the dotted key and what was expected.
+Each section of bench.toml is a dataclass below: its fields are the keys it takes, their types and
+defaults; `check` adds ranges. Every problem is one BenchError naming the file, the dotted key and
+what was expected.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import types
 import os
-import re
 import tomllib
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .data import DATASET_KINDS, DigitsSource, FileSource
 from .errors import BenchError
 from .execution import Execution
+from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
-
-# Schema: key -> type, nested dict for tables, "*" for named entries, [dict] for arrays of tables.
-# Types: str, int, float (ints accepted), bool, "ints", "floats", "strs" (lists), "table:str",
-# "str|table" (a string or a table, e.g. a preset name or its flags).
-SWEEP_SCHEMA = {"sampler": str, "steps": "ints", "temperature": "floats", "top_k": int, "top_p": float}
-DATASET_SCHEMA = {
-    "kind": str, "resolution": int, "channels": int, "extractor": str, "num_samples": int,
-    "batch_size": int, "tokenizer": str, "priors": "table:str", "sweep": [SWEEP_SCHEMA],
-    "heldout_size": int, "split_seed": int,          # digits
-    "train": str, "heldout": str, "on_corrupt": str,  # folder, lsun
-    "official_hparams": "str|table",                 # official .th checkpoints: a preset or official flags
-    "metrics": {"pr_k": int, "dc_k": int},           # overrides of [metrics] for this dataset
-}
-THRESHOLD_SCHEMA = {"fid_ceiling": "table:float", "fid_regression": float, "throughput_regression": float}
-SCHEMA = {
-    "run": {"dataset": str, "results_dir": str, "seed": int, "device": str, "batch_size": int,
-            "cache_dir": str, "execution": str},   # execution: speed switches (bench.execution)
-    "metrics": {"pr_k": int, "dc_k": int, "kid_subset_size": int, "kid_subsets": int,
-                "inception_weights": str,   # bench.inception: an explicit Inception weights file
-                "cleanfid_check": bool},    # add clean-fid's FID of the same statistics to every row
-    "timing": {"warmup": int, "repeats": int, "batch_size": int},
-    "datasets": {"*": DATASET_SCHEMA},
-    "thresholds": {"*": THRESHOLD_SCHEMA},
-    "profiles": {"*": dict},  # overlays, validated after merging
-}
-REQUIRED_DATASET_KEYS = ("kind", "resolution", "channels", "extractor", "tokenizer")
+ON_CORRUPT = ("error", "skip")
 
 
-def _type_name(t) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            "ints": "a list of integers", "floats": "a list of numbers", "strs": "a list of strings",
-            "table:str": "a table of strings", "table:float": "a table of numbers",
-            "str|table": "a string or a table"}.get(t, "a table")
+# ----------------------------------------------------------------------------- typed tables
+
+_NAMES = {str: ("a string", "strings"), bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), dict: ("a table", "tables")}
 
 
-def _check_value(value, t) -> bool:
-    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if t is str:
-        return isinstance(value, str)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if t is float:
-        return is_num(value)
-    if t is bool:
-        return isinstance(value, bool)
-    if t == "ints":
-        return isinstance(value, list) and all(_check_value(v, int) for v in value)
-    if t == "floats":
-        return isinstance(value, list) and all(is_num(v) for v in value)
-    if t == "table:str":
-        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-    if t == "table:float":
-        return isinstance(value, dict) and all(is_num(v) for v in value.values())
-    if t is dict:
-        return isinstance(value, dict)
-    if t == "str|table":
-        return isinstance(value, (str, dict))
-    raise AssertionError(t)
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _NAMES:
+        return _NAMES[hint][0]
+    if origin in (list, tuple):
+        return f"a list of {_NAMES[args[0]][1]}"
+    if origin is dict:
+        return f"a table of {_NAMES[args[1]][1]}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    return "a table"
 
 
-def validate(tree: dict, schema: dict, where: str, prefix: str = "") -> None:
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        expected = schema.get(key, schema.get("*"))
-        if expected is None:
-            known = ", ".join(sorted(k for k in schema if k != "*"))
-            raise BenchError(f"{where}: unknown key {dotted!r}; expected one of: {known}")
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise BenchError(f"{where}: {dotted} must be a table")
-            validate(value, expected, where, dotted + ".")
-        elif isinstance(expected, list):
-            if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
-                raise BenchError(f"{where}: {dotted} must be an array of tables ([[{dotted}]])")
-            for i, item in enumerate(value):
-                validate(item, expected[0], where, f"{dotted}[{i}].")
-        elif not _check_value(value, expected):
-            raise BenchError(f"{where}: {dotted} must be {_type_name(expected)}, got {value!r}")
+def _coerce(value, hint):
+    """value as `hint` (int accepted for float, lists become tuples), or raise ValueError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except ValueError:
+                pass
+        raise ValueError
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ValueError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    if origin in (list, tuple):
+        if isinstance(value, list):
+            return tuple(_coerce(v, args[0]) for v in value)
+        raise ValueError
+    if origin is dict:
+        if isinstance(value, dict):
+            return {str(k): _coerce(v, args[1]) for k, v in value.items()}
+        raise ValueError
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError
+    raise AssertionError(hint)
+
+
+def _typed_values(cls, table, where: str, prefix: str) -> dict:
+    """The keys of a TOML table that dataclass `cls` takes, converted; unknown keys and wrong types
+    are errors naming `prefix.key`."""
+    if not isinstance(table, dict):
+        raise BenchError(f"{where}: {prefix} must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init and f.metadata.get("toml", True)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise BenchError(f"{where}: unknown key '{prefix}.{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
+    values = {}
+    for key, value in table.items():
+        try:
+            values[key] = _coerce(value, hints[key])
+        except ValueError:
+            raise BenchError(f"{where}: {prefix}.{key} must be {_describe(hints[key])}, got {value!r}") from None
+    return values
+
+
+def build(cls, table, where: str, prefix: str, extra: dict | None = None):
+    """An instance of dataclass `cls` from a TOML table, checked (`cls.check`): unknown keys, wrong
+    types, missing required keys and values out of range are errors naming `prefix.key`."""
+    values = _typed_values(cls, table, where, prefix)
+    own = [f for f in fields(cls) if f.init and f.metadata.get("toml", True)]
+    missing = [f.name for f in own if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise BenchError(f"{where}: {prefix}.{missing[0]} is missing")
+    obj = cls(**values, **(extra or {}))
+    if hasattr(obj, "check"):
+        obj.check(where, prefix)
+    return obj
+
+
+def _positive(obj, where: str, prefix: str, names: tuple[str, ...], minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            expected = "positive" if minimum == 1 else f">= {minimum}"
+            raise BenchError(f"{where}: {prefix}.{name} must be {expected}, got {value}")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dataset: str = "digits"          # what `bench run` does with no --dataset
+    results_dir: str = "results"     # runs go to <results_dir>/<dataset>/<run-name>/
+    seed: int = 0                    # sample i draws from a generator seeded by (seed, i)
+    device: str = "cpu"
+    batch_size: int = 250
+    cache_dir: str = "~/.cache/bench"
+    execution: str = "plain"         # speed switches (bench.execution)
+
+    def check(self, where: str, prefix: str) -> None:
+        _positive(self, where, prefix, ("batch_size",))
+        _positive(self, where, prefix, ("seed",), 0)
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise BenchError(f"{where}: {prefix}.device must be 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            Execution.parse(self.execution)
+        except BenchError as e:
+            raise BenchError(f"{where}: {prefix}.{e}") from None
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    pr_k: int = 3                    # improved precision/recall neighbourhood
+    dc_k: int = 5                    # density/coverage neighbourhood
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+    inception_weights: str | None = None   # an explicit Inception weights file (bench.inception)
+    cleanfid_check: bool = False           # add clean-fid's FID of the same statistics to every row
+
+    def check(self, where: str, prefix: str) -> None:
+        _positive(self, where, prefix, ("pr_k", "dc_k", "kid_subset_size", "kid_subsets"))
+
+    def overridden(self, overrides: dict) -> "MetricsSection":
+        return MetricsSection(**{**self.__dict__, **overrides})
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DatasetMetrics:
+    """Overrides of [metrics] for one dataset."""
+    pr_k: int | None = None
+    dc_k: int | None = None
+
+    def check(self, where: str, prefix: str) -> None:
+        _positive(self, where, prefix, ("pr_k", "dc_k"))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TimingSection:
+    warmup: int = 1                  # untimed batches before timing
+    repeats: int = 3                 # timed batches; the median is reported
+    batch_size: int = 64
+
+    def check(self, where: str, prefix: str) -> None:
+        _positive(self, where, prefix, ("repeats", "batch_size"))
+        _positive(self, where, prefix, ("warmup",), 0)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    fid_ceiling: dict[str, float] = field(default_factory=dict)  # row slug -> highest FID that passes
+    fid_regression: float | None = None        # relative FID rise against the baseline that fails
+    throughput_regression: float | None = None  # relative img/s drop that fails (same device only)
+
+    def check(self, where: str, prefix: str) -> None:
+        for key in ("fid_regression", "throughput_regression"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise BenchError(f"{where}: {prefix}.{key} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    sampler: str
+    steps: tuple[int, ...] | None = None
+    temperature: tuple[float, ...] = (1.0,)
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def check(self, where: str, prefix: str) -> None:
+        from .samplers import SamplerSettings
+        if self.steps is not None and len(set(self.steps)) != len(self.steps):
+            raise BenchError(f"{where}: {prefix}.steps = {list(self.steps)} repeats a value")
+        if len(set(self.temperature)) != len(self.temperature):
+            raise BenchError(f"{where}: {prefix}.temperature = {list(self.temperature)} repeats a value")
+        try:  # every combination is valid settings (finite, in range)
+            for t in self.temperature:
+                for s in self.steps or (None,):
+                    SamplerSettings(self.sampler, s, t, self.top_k, self.top_p)
+        except BenchError as e:
+            raise BenchError(f"{where}: {prefix}: {e}") from None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One [datasets.NAME] table. `source` holds the kind's own keys (bench.data)."""
+    kind: str
+    resolution: int
+    channels: int
+    extractor: str
+    tokenizer: str
+    num_samples: int = 1000
+    batch_size: int | None = None
+    priors: dict[str, str] = field(default_factory=dict)
+    sweep: tuple[dict, ...] = ()      # as written; replaced by SweepEntry objects once checked
+    official_hparams: str | dict | None = None   # official .th checkpoints: a preset or official flags
+    metrics: dict = field(default_factory=dict)
+    # kind-specific keys, gathered into `source`
+    heldout_size: int | None = None   # digits
+    split_seed: int | None = None     # digits
+    train: str | None = None          # folder, lsun
+    heldout: str | None = None        # folder, lsun
+    on_corrupt: str | None = None     # folder, lsun
+    name: str = field(default="", metadata={"toml": False})
+    source: object = field(default=None, metadata={"toml": False})
+    overrides: DatasetMetrics = field(default_factory=DatasetMetrics, metadata={"toml": False})
+
+    def check(self, where: str, prefix: str) -> None:
+        if self.kind not in DATASET_KINDS:
+            raise BenchError(f"{where}: {prefix}.kind = {self.kind!r}; expected one of {DATASET_KINDS}")
+        _positive(self, where, prefix, ("resolution", "channels", "num_samples", "batch_size", "heldout_size"))
+        if self.channels not in (1, 3):
+            raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
+        for key in self.priors:
+            check_plain_name(key, f"{where}: {prefix}.priors key")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(s for s in ("train", "heldout") if self.source.has_split(s))
+
+
+def _dataset(name: str, table: dict, where: str) -> DatasetConfig:
+    prefix = f"datasets.{name}"
+    check_plain_name(name, f"{where}: dataset name")
+    for key in ("kind", "resolution", "channels", "extractor", "tokenizer"):
+        if isinstance(table, dict) and key not in table:
+            raise BenchError(f"{where}: {prefix}.{key} is missing")
+    ds = build(DatasetConfig, table, where, prefix)
+    digits_keys, file_keys = ("heldout_size", "split_seed"), ("train", "heldout", "on_corrupt")
+    own, other = (digits_keys, file_keys) if ds.kind == "digits" else (file_keys, digits_keys)
+    stray = [k for k in other if getattr(ds, k) is not None]
+    if stray:
+        raise BenchError(f"{where}: {prefix}.{stray[0]} does not apply to kind {ds.kind!r} "
+                         f"(its keys: {', '.join(own)})")
+    if ds.kind == "digits":
+        source = DigitsSource(ds.resolution, ds.channels, ds.heldout_size or 500,
+                              0 if ds.split_seed is None else ds.split_seed)
+        if source.split_seed < 0:
+            raise BenchError(f"{where}: {prefix}.split_seed must be >= 0, got {source.split_seed}")
+    else:
+        if ds.train is None:
+            raise BenchError(f"{where}: {prefix}.train (the path of the reference split) is missing")
+        if (ds.on_corrupt or "error") not in ON_CORRUPT:
+            raise BenchError(f"{where}: {prefix}.on_corrupt must be one of {ON_CORRUPT}")
+        source = FileSource(ds.resolution, ds.channels, ds.train, ds.heldout, ds.on_corrupt or "error",
+                            ds.kind, where, prefix)
+    if ds.official_hparams is not None:
+        from .loading.official import check_hparams
+        try:
+            check_hparams(ds.official_hparams)
+        except BenchError as e:
+            raise BenchError(f"{where}: {prefix}.official_hparams: {e}") from None
+    overrides = build(DatasetMetrics, ds.metrics, where, f"{prefix}.metrics")
+    entries = []
+    for i, entry in enumerate(ds.sweep):
+        if "sampler" not in entry:
+            raise BenchError(f"{where}: {prefix}.sweep[{i}].sampler is missing")
+        entries.append(build(SweepEntry, entry, where, f"{prefix}.sweep[{i}]"))
+    object.__setattr__(ds, "name", name)
+    object.__setattr__(ds, "source", source)
+    object.__setattr__(ds, "overrides", overrides)
+    object.__setattr__(ds, "sweep", tuple(entries))
+    return ds
+
+
+@dataclass
+class Config:
+    path: Path
+    raw: dict
+    run: RunSection
+    metrics: MetricsSection
+    timing: TimingSection
+    datasets: dict[str, DatasetConfig]
+    thresholds: dict[str, Thresholds] = field(default_factory=dict)
+    profile: str | None = None
+
+    def dataset(self, name: str | None) -> DatasetConfig:
+        name = name or self.run.dataset
+        if name not in self.datasets:
+            raise BenchError(f"unknown dataset {name!r}; {self.path} configures: {', '.join(sorted(self.datasets))}")
+        return self.datasets[name]
+
+    def checkpoint_ref(self, ds: DatasetConfig, value: str, key: str) -> str:
+        """A tokenizer or prior of bench.toml with ${VAR} and ~ expanded; `builtin:` names as written.
+        key: the dotted key under datasets.<name>, for errors (e.g. "priors.absorbing")."""
+        if value.startswith("builtin:"):
+            return value
+        return str(expand_path(value, f"datasets.{ds.name}.{key}", str(self.path)))
+
+    def results_dir(self) -> Path:
+        return expand_path(self.run.results_dir, "run.results_dir", str(self.path))
+
+    def cache_dir(self) -> Path:
+        return expand_path(self.run.cache_dir, "run.cache_dir", str(self.path))
+
+    def inception_weights(self) -> Path | None:
+        w = self.metrics.inception_weights
+        return expand_path(w, "metrics.inception_weights", str(self.path)) if w else None
+
+    def extractor_weights(self, extractor: str) -> Path | None:
+        """The weights file bench.toml names for this extractor, if any."""
+        return self.inception_weights() if extractor == "inception-v3-compat" else None
+
+
+TOP_LEVEL = ("run", "metrics", "timing", "datasets", "thresholds", "profiles")
+SECTIONS = {"run": RunSection, "metrics": MetricsSection, "timing": TimingSection}
+
+
+def _check_overlay(overlay: dict, where: str, prefix: str) -> None:
+    """A profile's keys and types, named under the profile (the merged result is checked again)."""
+    stray = sorted(set(overlay) - set(TOP_LEVEL) | ({"profiles"} & set(overlay)))
+    if stray:
+        raise BenchError(f"{where}: unknown key '{prefix}.{stray[0]}'")
+    for key, cls in SECTIONS.items():
+        if key in overlay:
+            _typed_values(cls, overlay[key], where, f"{prefix}.{key}")
+    for name, table in overlay.get("datasets", {}).items():
+        table = dict(table) if isinstance(table, dict) else table
+        sweep = table.pop("sweep", []) if isinstance(table, dict) else []
+        _typed_values(DatasetConfig, table, where, f"{prefix}.datasets.{name}")
+        for i, entry in enumerate(sweep if isinstance(sweep, list) else []):
+            _typed_values(SweepEntry, entry, where, f"{prefix}.datasets.{name}.sweep[{i}]")
 
 
 def _merge(base: dict, overlay: dict) -> dict:
@@ -102,167 +376,88 @@ def _merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_path(value: str, key: str, where: str) -> Path:
-    """Expand ${VAR} and ~; an unset variable is an error naming it."""
-    def sub(m):
-        name = m.group(1)
-        if name not in os.environ:
-            raise BenchError(f"{where}: {key} = {value!r} uses ${{{name}}}, which is not set; "
-                             f"export {name}=/path/to/data or write the path into {where}")
-        return os.environ[name]
-    return Path(os.path.expanduser(_ENV.sub(sub, value)))
-
-
-@dataclass(frozen=True)
-class SweepEntry:
-    sampler: str
-    steps: tuple[int, ...] | None
-    temperatures: tuple[float, ...]
-    top_k: int | None = None
-    top_p: float | None = None
-
-
-@dataclass
-class DatasetConfig:
-    name: str
-    kind: str
-    resolution: int
-    channels: int
-    extractor: str
-    tokenizer: str
-    num_samples: int
-    priors: dict[str, str]
-    sweep: list[SweepEntry]
-    source: dict            # options for bench.data.open_images, minus the path
-    splits: dict[str, str]  # split -> path as written (folder, lsun); empty for digits
-    batch_size: int | None = None
-    official_hparams: str | dict | None = None  # for official .th checkpoints (bench.official)
-    metrics: dict = field(default_factory=dict)  # overrides of Config.metrics for this dataset
-
-
-@dataclass
-class Config:
-    path: Path
-    raw: dict
-    run: dict
-    metrics: dict
-    timing: dict
-    datasets: dict[str, DatasetConfig]
-    thresholds: dict = field(default_factory=dict)
-    profile: str | None = None
-
-    def dataset(self, name: str | None) -> DatasetConfig:
-        name = name or self.run["dataset"]
-        if name not in self.datasets:
-            raise BenchError(f"unknown dataset {name!r}; {self.path} configures: {', '.join(sorted(self.datasets))}")
-        return self.datasets[name]
-
-
-RUN_DEFAULTS = {"dataset": "digits", "results_dir": "results", "seed": 0, "device": "cpu", "batch_size": 250,
-                "cache_dir": "~/.cache/bench", "execution": "plain"}
-METRIC_DEFAULTS = {"pr_k": 3, "dc_k": 5, "kid_subset_size": 1000, "kid_subsets": 100}
-TIMING_DEFAULTS = {"warmup": 1, "repeats": 3, "batch_size": 64}
-DATASET_KINDS = ("digits", "folder", "lsun")
-ON_CORRUPT = ("error", "skip")
-
-
-def _dataset(name: str, d: dict, where: str) -> DatasetConfig:
-    for key in REQUIRED_DATASET_KEYS:
-        if key not in d:
-            raise BenchError(f"{where}: datasets.{name}.{key} is missing")
-    if d["kind"] not in DATASET_KINDS:
-        raise BenchError(f"{where}: datasets.{name}.kind = {d['kind']!r}; expected one of {DATASET_KINDS}")
-    if d["kind"] != "digits" and "train" not in d:
-        raise BenchError(f"{where}: datasets.{name}.train (the path of the reference split) is missing")
-    if d.get("on_corrupt", "error") not in ON_CORRUPT:
-        raise BenchError(f"{where}: datasets.{name}.on_corrupt must be one of {ON_CORRUPT}")
-    for key in ("resolution", "channels", "num_samples", "batch_size"):
-        if key in d and d[key] < 1:
-            raise BenchError(f"{where}: datasets.{name}.{key} must be positive, got {d[key]}")
-    for key, value in d.get("metrics", {}).items():
-        if value < 1:
-            raise BenchError(f"{where}: datasets.{name}.metrics.{key} must be positive, got {value}")
-    if "official_hparams" in d:
-        from .official import check_hparams
-        try:
-            check_hparams(d["official_hparams"])
-        except BenchError as e:
-            raise BenchError(f"{where}: datasets.{name}.official_hparams: {e}") from None
-    sweep = []
-    for i, s in enumerate(d.get("sweep", [])):
-        if "sampler" not in s:
-            raise BenchError(f"{where}: datasets.{name}.sweep[{i}].sampler is missing")
-        if any(v < 1 for v in s.get("steps", [])) or any(v < 0 for v in s.get("temperature", [])):
-            raise BenchError(f"{where}: datasets.{name}.sweep[{i}]: steps must be >= 1 and temperatures >= 0")
-        sweep.append(SweepEntry(s["sampler"], tuple(s["steps"]) if "steps" in s else None,
-                                tuple(float(t) for t in s.get("temperature", [1.0])),
-                                s.get("top_k"), s.get("top_p")))
-    if d["kind"] == "digits":
-        source = {"resolution": d["resolution"], "heldout_size": d.get("heldout_size", 500),
-                  "split_seed": d.get("split_seed", 0)}
-        splits = {}
-    else:
-        source = {"resolution": d["resolution"], "channels": d["channels"], "on_corrupt": d.get("on_corrupt", "error")}
-        splits = {k: d[k] for k in ("train", "heldout") if k in d}
-    return DatasetConfig(name=name, kind=d["kind"], resolution=d["resolution"], channels=d["channels"],
-                         extractor=d["extractor"], tokenizer=d["tokenizer"],
-                         num_samples=d.get("num_samples", 1000), priors=dict(d.get("priors", {})),
-                         sweep=sweep, source=source, splits=splits, batch_size=d.get("batch_size"),
-                         official_hparams=d.get("official_hparams"), metrics=dict(d.get("metrics", {})))
-
-
 def load_config(path: str | os.PathLike | None = None, profile: str | None = None) -> Config:
     if path is None:  # the working directory's bench.toml, else the project's own
         path = Path("bench.toml") if Path("bench.toml").is_file() else DEFAULT_CONFIG
     path = Path(path)
     where = str(path)
     if not path.is_file():
-        raise BenchError(f"config file {path} not found; pass --config PATH")
+        raise BenchError(f"config file {path} not found (or not a regular file); pass --config PATH")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{where} is not UTF-8 text ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"{where} is not valid TOML: {e}") from None
-    validate(raw, SCHEMA, where)
+    except OSError as e:
+        raise BenchError(f"cannot read {where} ({e.strerror or e})") from None
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise BenchError(f"{where}: unknown key {unknown[0]!r}; expected one of: {', '.join(TOP_LEVEL)}")
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise BenchError(f"{where}: profiles must be tables ([profiles.NAME])")
     if profile is not None:
-        profiles = raw.get("profiles", {})
         if profile not in profiles:
             raise BenchError(f"unknown profile {profile!r}; {where} defines: {', '.join(sorted(profiles)) or 'none'}")
-        try:
-            validate(profiles[profile], {k: v for k, v in SCHEMA.items() if k != "profiles"}, where, f"profiles.{profile}.")
-        except BenchError:
-            raise
-        raw = _merge({k: v for k, v in raw.items() if k != "profiles"}, profiles[profile])
-    datasets = {name: _dataset(name, d, where) for name, d in raw.get("datasets", {}).items()}
-    run = {**RUN_DEFAULTS, **raw.get("run", {})}
-    metrics = {**METRIC_DEFAULTS, **raw.get("metrics", {})}
-    timing = {**TIMING_DEFAULTS, **raw.get("timing", {})}
-    for section, values in (("run", run), ("metrics", metrics), ("timing", timing)):
-        for k, v in values.items():
-            if isinstance(v, int) and not isinstance(v, bool) and v < (0 if k in ("seed", "warmup") else 1):
-                raise BenchError(f"{where}: {section}.{k} must be positive, got {v}")
-    if run["device"] not in ("cpu", "cuda") and not run["device"].startswith("cuda:"):
-        raise BenchError(f"{where}: run.device must be 'cpu' or 'cuda', got {run['device']!r}")
-    try:
-        Execution.parse(run["execution"])
-    except BenchError as e:
-        raise BenchError(f"{where}: run.{e}") from None
-    return Config(path=path, raw=raw, run=run, metrics=metrics, timing=timing, datasets=datasets,
-                  thresholds=raw.get("thresholds", {}), profile=profile)
+        overlay = profiles[profile]
+        _check_overlay(overlay, where, f"profiles.{profile}")
+        raw = _merge(raw, overlay)
+    for key in ("run", "metrics", "timing", "datasets", "thresholds"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise BenchError(f"{where}: {key} must be a table")
+    datasets = {}
+    for name, table in raw.get("datasets", {}).items():
+        if not isinstance(table, dict):
+            raise BenchError(f"{where}: datasets.{name} must be a table")
+        datasets[name] = _dataset(name, table, where)
+    thresholds = {name: build(Thresholds, t, where, f"thresholds.{name}")
+                  for name, t in raw.get("thresholds", {}).items()}
+    return Config(path=path, raw=raw, run=build(RunSection, raw.get("run", {}), where, "run"),
+                  metrics=build(MetricsSection, raw.get("metrics", {}), where, "metrics"),
+                  timing=build(TimingSection, raw.get("timing", {}), where, "timing"),
+                  datasets=datasets, thresholds=thresholds, profile=profile)
 
 
-def checkpoint_path(cfg: Config, ds: DatasetConfig, value: str, key: str) -> str:
-    """A tokenizer or prior of bench.toml with ${VAR} and ~ expanded; `builtin:` names as written.
-    key: the dotted key under datasets.<name>, for errors (e.g. "priors.absorbing")."""
-    if value.startswith("builtin:"):
-        return value
-    return str(expand_path(value, f"datasets.{ds.name}.{key}", str(cfg.path)))
+# ----------------------------------------------------------------------------- one run's settings
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one `bench run` uses, resolved from bench.toml and the command line."""
+    config: Config
+    dataset: DatasetConfig
+    samplers: tuple[str, ...] | None     # --samplers: a subset of the rows, or None for all
+    steps: tuple[int, ...] | None        # --steps: overrides the sweep's step counts
+    num_samples: int
+    seed: int
+    device: str
+    batch_size: int
+    execution: Execution
+    metrics: MetricsSection              # [metrics] with the dataset's overrides
+    timing: TimingSection
+    results_dir: Path
+    cache_dir: Path
+    run_name: str | None
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
 
 
-def dataset_path(cfg: Config, ds: DatasetConfig, split: str) -> Path:
-    """The resolved path of a folder/LSUN split, or an error naming the key to set."""
-    if split not in ds.splits:
-        raise BenchError(f"{cfg.path}: datasets.{ds.name}.{split} is not set; add the path of its {split} split")
-    return expand_path(ds.splits[split], f"datasets.{ds.name}.{split}", str(cfg.path))
+def run_settings(cfg: Config, dataset: str | None = None, samplers=None, steps=None, num_samples: int | None = None,
+                 device: str | None = None, execution: str | None = None, run_name: str | None = None,
+                 resume: bool = False, force: bool = False, progress: bool = True,
+                 seed: int | None = None) -> RunSettings:
+    ds = cfg.dataset(dataset)
+    n = ds.num_samples if num_samples is None else num_samples
+    if n < 1:
+        raise BenchError(f"--num-samples must be positive, got {n}")
+    if run_name is not None:
+        check_plain_name(run_name, "--run-name")
+    return RunSettings(
+        config=cfg, dataset=ds, samplers=tuple(samplers) if samplers is not None else None,
+        steps=tuple(steps) if steps is not None else None, num_samples=n,
+        seed=cfg.run.seed if seed is None else seed, device=device or cfg.run.device,
+        batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.run.execution),
+        metrics=cfg.metrics.overridden(ds.overrides.as_dict()), timing=cfg.timing,
+        results_dir=cfg.results_dir(), cache_dir=cfg.cache_dir(), run_name=run_name, resume=resume, force=force,
+        progress=progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BenchError
+from .paths import env_names, expand_path
 
 DIGITS_SPLITS = ("train", "heldout")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -315,58 +317,79 @@ class LmdbImages(_DecodedImages):
 
 
 # -----------------------------------------------------------------------------
-# registry: bench.toml's `kind` -> a function (split, options) -> images
+# sources: a dataset table of bench.toml names its `kind`; the source says where its splits are,
+# how they are preprocessed (part of the reference cache key) and how to describe them.
 
 
-def _take(kind: str, options: dict, required: tuple, optional: dict) -> dict:
-    """Options with defaults filled in; BenchError on a missing or unknown option."""
-    missing = [k for k in required if k not in options]
-    if missing:
-        raise BenchError(f"dataset kind {kind!r} needs option(s) {', '.join(missing)}")
-    unknown = sorted(set(options) - set(required) - set(optional))
-    if unknown:
-        known = ", ".join(list(required) + list(optional))
-        raise BenchError(f"unknown option(s) {', '.join(unknown)} for dataset kind {kind!r}; known: {known}")
-    return {**optional, **options}
+@dataclass(frozen=True)
+class DigitsSource:
+    """scikit-learn's 1797 digits, embedded: a fixed seeded split, bilinear upsampling."""
+    resolution: int
+    channels: int
+    heldout_size: int = 500
+    split_seed: int = 0
+    kind = "digits"
+    preprocessing = "digits-bilinear"
+
+    def has_split(self, split: str) -> bool:
+        return split in DIGITS_SPLITS
+
+    def open(self, split: str) -> ArrayImages:
+        return digits_split(split, self.resolution, self.heldout_size, self.split_seed)
+
+    def describe(self) -> dict[str, str]:
+        return {"data": "digits: scikit-learn's 1797 8x8 digits, embedded in the package (always present)"}
+
+    def content_id(self, split: str) -> str:
+        return self.open(split).content_id()
 
 
-def _open_digits(split: str, options: dict) -> ArrayImages:
-    o = _take("digits", options, (), {"resolution": 16, "heldout_size": 500, "split_seed": 0})
-    return digits_split(split, o["resolution"], o["heldout_size"], o["split_seed"])
+@dataclass(frozen=True)
+class FileSource:
+    """Image files: a folder searched recursively (`folder`) or an LSUN LMDB (`lsun`); torchvision's
+    Resize and CenterCrop to `resolution`, as the official data loading. `train` and `heldout` are
+    paths as bench.toml writes them (${VAR} and ~ are expanded when a split is opened)."""
+    resolution: int
+    channels: int
+    train: str
+    heldout: str | None = None
+    on_corrupt: str = "error"
+    kind: str = "folder"
+    where: str = "bench.toml"   # for errors: the config file and the dataset's dotted key
+    key: str = "datasets.?"
+    preprocessing = "resize+centercrop"
+
+    def has_split(self, split: str) -> bool:
+        return getattr(self, split, None) is not None
+
+    def path(self, split: str) -> Path:
+        if not self.has_split(split):
+            raise BenchError(f"{self.where}: {self.key}.{split} is not set; add the path of its {split} split")
+        return expand_path(getattr(self, split), f"{self.key}.{split}", self.where)
+
+    def open(self, split: str):
+        images = FolderImages if self.kind == "folder" else LmdbImages
+        return images(self.path(split), self.resolution, self.channels, self.on_corrupt)
+
+    def describe(self) -> dict[str, str]:
+        out = {}
+        for split in ("train", "heldout"):
+            if not self.has_split(split):
+                continue
+            try:
+                path = self.path(split)
+            except BenchError as e:
+                out[split] = f"not available: {e}"
+                continue
+            out[split] = _describe_path(self.kind, path)
+            if not path.exists():
+                names = env_names(getattr(self, split))
+                via = f"${', $'.join(names)} or " if names else ""
+                out[split] += f"; set {via}{self.key}.{split} (= {getattr(self, split)!r}) in {self.where}"
+        return out
 
 
-def _open_folder(split: str, options: dict) -> FolderImages:
-    o = _take("folder", options, ("path", "resolution"), {"channels": 3, "on_corrupt": "error"})
-    return FolderImages(o["path"], o["resolution"], o["channels"], o["on_corrupt"])
-
-
-def _open_lsun(split: str, options: dict) -> LmdbImages:
-    o = _take("lsun", options, ("path", "resolution"), {"channels": 3, "on_corrupt": "error"})
-    return LmdbImages(o["path"], o["resolution"], o["channels"], o["on_corrupt"])
-
-
-DATASET_KINDS = {"digits": _open_digits, "folder": _open_folder, "lsun": _open_lsun}
-
-
-def _check_kind(kind: str):
-    if kind not in DATASET_KINDS:
-        raise BenchError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(DATASET_KINDS)}")
-
-
-def open_images(kind: str, split: str, options: dict):
-    """The images of one split. For folder and lsun the caller picks options["path"] per split."""
-    _check_kind(kind)
-    return DATASET_KINDS[kind](split, options)
-
-
-def describe_source(kind: str, options: dict) -> str:
-    """One line for `bench datasets`: where the data is expected and whether it is there."""
-    _check_kind(kind)
-    if kind == "digits":
-        return "digits: scikit-learn's 1797 8x8 digits, embedded in the package (always present)"
-    if "path" not in options:
-        return f"{kind}: no path configured; set it in bench.toml"
-    path = Path(options["path"]).expanduser()
+def _describe_path(kind: str, path: Path) -> str:
     if not path.exists():
         return f"{kind}: {path} (missing)"
     if kind == "folder":
@@ -377,6 +400,9 @@ def describe_source(kind: str, options: dict) -> str:
         return f"lsun: {path} (present, LMDB with {_lmdb_env(path).stat()['entries']} records)"
     except BenchError:
         return f"lsun: {path} (not an LMDB)"
+
+
+DATASET_KINDS = ("digits", "folder", "lsun")
 
 
 def iterate_batches(images, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:

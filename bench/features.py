@@ -20,9 +20,11 @@ Grey images are replicated to RGB for the three ImageNet networks.
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -339,3 +341,64 @@ def extract_features(extractor: Extractor, batches: Iterable[np.ndarray], total:
 
 if __name__ == "__main__":
     train_digits_extractor()
+
+
+# ----------------------------------------------------------------------------- feature files
+
+def features_of_folder(images_dir, extractor_name: str, out: Path, resolution: int | None, channels: int,
+                       batch_size: int, device: str, weights=None, progress: bool = True, force: bool = False) -> str:
+    """`bench features`: features of every image under images_dir (recursively, sorted by path) to
+    out (.npz: features, files, extractor, weights_sha256, resolution, channels). -> a line to print."""
+    from PIL import Image
+    from .checkpoints import atomic_write_bytes, check_writable
+    from .data import FolderImages
+    check_writable(Path(out), force)
+    ext = load_extractor(extractor_name, device, weights_path=weights)
+    if channels not in ext.channels:
+        raise BenchError(f"extractor {ext.name!r} takes {ext.channels} channels, not {channels}")
+    resolution = resolution or ext.resolution
+    if resolution is None:  # an extractor that resizes itself: keep same-sized square images unchanged
+        first = FolderImages(images_dir, resolution=1, channels=channels).files[0]
+        try:
+            with Image.open(first) as image:
+                resolution = min(image.size)
+        except OSError as e:
+            raise BenchError(f"cannot read image {first} ({e}); pass --resolution") from None
+    images = FolderImages(images_dir, resolution=resolution, channels=channels)
+
+    def batches():
+        for start in range(0, len(images), batch_size):
+            yield np.stack([images[i] for i in range(start, min(start + batch_size, len(images)))])
+
+    feats = extract_features(ext, batches(), total=len(images), desc=ext.name, progress=progress)
+    files = [p.relative_to(images.root).as_posix() for p in images.files]
+    buf = io.BytesIO()
+    np.savez(buf, features=feats, files=np.array(files), extractor=np.array(ext.name),
+             weights_sha256=np.array(ext.weights_sha256), resolution=resolution, channels=channels)
+    atomic_write_bytes(Path(out), buf.getbuffer())
+    return f"wrote {out}: features {feats.shape} ({ext.name}, {resolution}px, {channels} channel(s))"
+
+
+def load_feature_file(path: str) -> dict:
+    """A file `bench features` wrote: its features (N, D) finite floats, extractor and weights hash."""
+    import zipfile
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise BenchError(f"feature file {path} is not a regular file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise BenchError(f"feature file {path} is a .npy array, not the .npz that `bench features` writes")
+            data = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise BenchError(f"feature file {path} not found") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BenchError(f"feature file {path} is not a readable .npz ({e})") from None
+    missing = [k for k in ("features", "extractor", "weights_sha256") if k not in data]
+    if missing:
+        raise BenchError(f"feature file {path} lacks {', '.join(missing)}; write it with `bench features`")
+    feats = data["features"]
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.number) or np.issubdtype(feats.dtype, np.complexfloating):
+        raise BenchError(f"feature file {path}: `features` must be a 2-d array of real numbers, "
+                         f"got {feats.dtype} of shape {feats.shape}")
+    return {"features": feats, "extractor": str(data["extractor"]), "weights_sha256": str(data["weights_sha256"])}

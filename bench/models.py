@@ -6,7 +6,7 @@ so that official state dicts map onto these modules key for key.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -37,11 +37,30 @@ class VQConfig:
 
 
 def _dataclass_from_dict(cls, d: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
+    """A config from a checkpoint's `hparams`, every value checked against its field's default type."""
+    from .errors import BenchError
+    if not isinstance(d, dict):
+        raise BenchError(f"{cls.__name__} hyperparameters must be a JSON object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
     if unknown:
-        from .errors import BenchError
         raise BenchError(f"unknown {cls.__name__} hyperparameter(s) {unknown}; expected some of {sorted(known)}")
+    for key, value in d.items():
+        f = known[key]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+        else:  # lists of positive integers
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                 for v in value)
+        if not ok:
+            expected = {bool: "true or false", int: "a positive integer", float: "a finite number >= 0"}.get(
+                type(default), "a list of positive integers")
+            raise BenchError(f"{cls.__name__} hyperparameter {key} = {value!r}; expected {expected}")
     return cls(**d)
 
 
@@ -231,6 +250,12 @@ class TransformerConfig:
     def from_dict(cls, d: dict) -> "TransformerConfig":
         return _dataclass_from_dict(cls, d)
 
+    def forward_flops(self, new_tokens: int, context: int) -> float:
+        """Matmul FLOPs of one forward pass over `new_tokens` positions attending to `context` keys."""
+        d = self.n_emb
+        per_token = self.n_layers * (2 * 4 * d * d + 2 * 8 * d * d + 2 * 2 * context * d) + 2 * d * self.codebook_size
+        return float(new_tokens * per_token)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -386,49 +411,3 @@ class Transformer(nn.Module):
 
 def config_dict(cfg) -> dict:
     return asdict(cfg)
-
-
-# ----------------------------------------------------------------------------- loading
-
-def is_official(stem) -> bool:
-    """An official Unleashing Transformers file (vqgan_ema_<step>.th, ...), read by bench.official."""
-    return str(stem).endswith(".th")
-
-
-def _official_hparams_needed(stem):
-    from .errors import BenchError
-    return BenchError(f"official checkpoint {stem} carries no hyperparameters: set official_hparams for this "
-                      f"dataset in bench.toml (a preset: churches, bedrooms, ffhq, or a table of official flags)")
-
-
-def load_vq(stem, official_hparams=None, trust: bool = False) -> tuple[VQAutoEncoder, dict]:
-    """A bench checkpoint stem, or an official .th file with its official hyperparameters."""
-    if is_official(stem):
-        from .official import load_official_vq
-        if official_hparams is None:
-            raise _official_hparams_needed(stem)
-        return load_official_vq(stem, official_hparams, trust)
-    from .checkpoints import load_checkpoint, load_state_strict
-    state, meta = load_checkpoint(stem, kind="vq")
-    model = VQAutoEncoder(VQConfig.from_dict(meta["hparams"]))
-    load_state_strict(model, state, str(stem))
-    return model.eval(), meta
-
-
-def load_transformer(stem, kind: str, official_hparams=None, trust: bool = False) -> tuple[Transformer, dict]:
-    """kind: 'absorbing' (bidirectional denoiser) or 'autoregressive' (causal prior). stem: a bench
-    checkpoint stem, or an official .th file with its official hyperparameters."""
-    if is_official(stem):
-        from .official import load_official_transformer
-        if official_hparams is None:
-            raise _official_hparams_needed(stem)
-        return load_official_transformer(stem, kind, official_hparams, trust)
-    from .checkpoints import load_checkpoint, load_state_strict
-    state, meta = load_checkpoint(stem, kind=kind)
-    cfg = TransformerConfig.from_dict(meta["hparams"])
-    if cfg.causal != (kind == "autoregressive"):
-        from .errors import BenchError
-        raise BenchError(f"checkpoint {stem}: kind {kind!r} but hparams.causal={cfg.causal}")
-    model = Transformer(cfg)
-    load_state_strict(model, state, str(stem))
-    return model.eval(), meta

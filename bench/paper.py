@@ -10,16 +10,15 @@ density and coverage from Inception pool features with k = 3.
 
 Rows use the slugs of bench.samplers.SamplerSettings.slug(), so `bench compare paper RUN` pairs
 them with a harness run's rows. Values the paper does not give are null, never filled in. bench
-refuses to write into these directories (bench.results.check_run_dir).
+refuses to write into these directories (bench.results.is_published).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from .checkpoints import atomic_write_text
-from .results import to_csv
+from .results import Row, to_csv, to_json
 from .samplers import SamplerSettings
 
 CITATION = "Bond-Taylor et al., ECCV 2022 (arXiv:2111.12701)"
@@ -56,34 +55,26 @@ PUBLISHED = {
 # differ from the Churches t=0.9 row above, so they are kept in the README of each run, not in a row.
 ABSTRACT_DC = {"bedrooms": (1.51, 0.83), "churches": (1.12, 0.73), "ffhq": (1.20, 0.80)}
 
-SCHEMA_NULLS = ("top_k", "top_p", "kid_mean", "kid_std", "precision", "recall", "density", "coverage",
-                "img_per_s", "sample_s_per_batch", "decode_s_per_batch", "nfe", "peak_mem_mb", "batch_size",
-                "device", "dtype", "seed")
+def _row(dataset: str, settings: SamplerSettings | None, slug: str, **values) -> Row:
+    return Row(**{"dataset": dataset, "slug": slug, "sampler": settings.sampler if settings else "autoregressive",
+                  "steps": settings.steps if settings else None,
+                  "temperature": settings.temperature if settings else None,
+                  "label": settings.label() if settings else "autoregressive (Taming Transformers)",
+                  "n_samples": NUM_SAMPLES, "features": EXTRACTOR, **values})
 
 
-def _row(dataset: str, settings: SamplerSettings | None, slug: str, **values) -> dict:
-    row = {"dataset": dataset, "slug": slug, "sampler": settings.sampler if settings else "autoregressive",
-           "steps": settings.steps if settings else None,
-           "temperature": settings.temperature if settings else None,
-           "label": settings.label() if settings else "autoregressive (Taming Transformers)",
-           "n_samples": NUM_SAMPLES, "features": EXTRACTOR, "fid": None}
-    row.update({k: None for k in SCHEMA_NULLS})
-    row.update(values)
-    return row
-
-
-def rows(dataset: str) -> list[dict]:
+def rows(dataset: str) -> list[Row]:
     p = PUBLISHED[dataset]
     out = []
     for steps, fid in zip(STEPS, p["fid_vs_steps"]):
         s = SamplerSettings("absorbing", steps, 1.0)
         row = _row(dataset, s, s.slug(), fid=fid, source="FID vs sampling steps")
         if steps == 256:
-            row["source"] = "FID at temperature 1.0; FID vs sampling steps"
+            row.source = "FID at temperature 1.0; FID vs sampling steps"
             if p["fid_t1"] != fid:
-                row.update(fid=p["fid_t1"], fid_vs_steps_figure=fid,
-                           note=f"the paper gives FID {p['fid_t1']} at temperature 1.0 and {fid} at 256 steps in "
-                                f"its FID-vs-steps results; `fid` holds the former")
+                row.fid, row.fid_vs_steps_figure = p["fid_t1"], fid
+                row.note = (f"the paper gives FID {p['fid_t1']} at temperature 1.0 and {fid} at 256 steps in "
+                            f"its FID-vs-steps results; `fid` holds the former")
         out.append(row)
     s = SamplerSettings("absorbing", 256, 0.9)
     out.append(_row(dataset, s, s.slug(), fid=p["fid_t0.9"], **(p["prdc_t0.9"] or {}),
@@ -121,7 +112,7 @@ def _readme(dataset: str) -> str:
 def write_paper_run(results_dir: str | Path, dataset: str) -> Path:
     run_dir = Path(results_dir) / dataset / "paper"
     m, r = manifest(dataset), rows(dataset)
-    atomic_write_text(run_dir / "results.json", json.dumps({"manifest": m, "rows": r}, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", to_json({"manifest": m, "rows": r}))
     atomic_write_text(run_dir / "results.csv", to_csv(r))
     atomic_write_text(run_dir / "README.md", _readme(dataset))
     return run_dir

@@ -2,13 +2,18 @@
 
     data -> tokenizer -> prior + sampler -> tokens -> decode -> uint8 images
          -> features -> metrics vs reference -> rows -> results
+
+`run(settings)` takes one resolved RunSettings (bench.config.run_settings); every input is loaded
+and checked before the run folder is touched.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import shutil
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,73 +21,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import absorbing  # noqa: F401  (registers the absorbing sampler)
-from . import distributed, results
-from .checkpoints import atomic_write_bytes, checkpoint_sha256
-from .config import Config, DatasetConfig, checkpoint_path, dataset_path
-from .data import iterate_batches, open_images, to_float, to_uint8
+from . import distributed
+from .checkpoints import atomic_write_bytes
+from .config import Config, DatasetConfig, RunSettings
+from .data import iterate_batches
 from .errors import BenchError
-from .features import Extractor, extract_features, load_extractor
-from .metrics import cleanfid_cross_check, compute_metrics
-from .models import Transformer, VQAutoEncoder, load_transformer, load_vq
 from .execution import Execution
-from .samplers import SAMPLER_PRIORS, SAMPLERS, SampleNoise, Sampler, SamplerSettings
+from .features import Extractor, extract_features, load_extractor
+from .loading import PRIOR_KINDS, Prior, Tokenizer, load_prior, load_tokenizer
+from .metrics import cleanfid_cross_check, compute_metrics
+from .results import Row, RunStore, ShardStore, git_commit, versions
+from .samplers import SampleNoise, Sampler, SamplerSettings
+from .samplers.registry import SAMPLERS, make_sampler, sampler_class
 from .timing import device_name, time_phases
 
-CONTROL_ROWS = ("data", "reconstruction", "random-codes")
+HELDOUT_ROWS = ("data", "reconstruction")   # held-out real images, and through the dataset's tokenizer
 GRID_SIZE = 64
-
-
-def _load_baselines() -> None:
-    try:  # baselines register their samplers on import
-        import baselines  # noqa: F401
-    except ImportError:
-        pass
-
-
-@dataclass
-class Pipeline:
-    """Everything a dataset's rows need, loaded once."""
-    cfg: Config
-    ds: DatasetConfig
-    device: torch.device
-    vq: VQAutoEncoder
-    priors: dict[str, Transformer]
-    extractor: Extractor
-    train: object
-    heldout: object | None
-    hashes: dict
-    execution: Execution = Execution()  # speed switches; the plain fp32 path by default
-    dist: distributed.Dist = distributed.SINGLE  # torchrun: this process's rank (bench.distributed)
-
-    @property
-    def seq_len(self) -> int:
-        return self.vq.cfg.latent_hw ** 2
-
-    def make_sampler(self, name: str) -> Sampler:
-        _load_baselines()
-        if name not in SAMPLERS:
-            raise BenchError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
-        if name == "random-codes":
-            return SAMPLERS[name](self.priors, self.device, seq_len=self.seq_len,
-                                  codebook_size=self.vq.cfg.codebook_size)
-        return SAMPLERS[name](self.priors, self.device, self.execution)
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor | np.ndarray) -> np.ndarray:
-        tokens = torch.as_tensor(tokens, device=self.device)
-        hw = self.vq.cfg.latent_hw
-        return to_uint8(self.vq.decode(tokens.reshape(len(tokens), hw, hw)))
-
-    @torch.no_grad()
-    def reconstruct(self, batch: np.ndarray) -> np.ndarray:
-        return to_uint8(self.vq.decode(self.vq.encode(to_float(batch, self.device))))
-
-
-def open_split(cfg: Config, ds: DatasetConfig, split: str):
-    if ds.kind == "digits":
-        return open_images("digits", split, ds.source)
-    return open_images(ds.kind, split, {**ds.source, "path": str(dataset_path(cfg, ds, split))})
 
 
 def check_device(device: torch.device) -> None:
@@ -90,85 +44,162 @@ def check_device(device: torch.device) -> None:
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
 
 
-def extractor_weights(cfg: Config, extractor: str) -> str | None:
-    """The weights file bench.toml names for this extractor, if any (metrics.inception_weights)."""
-    return cfg.metrics.get("inception_weights") if extractor == "inception-v3-compat" else None
+# ----------------------------------------------------------------------------- models
 
-
-def load_models(cfg: Config, ds: DatasetConfig, device: torch.device,
-                kinds) -> tuple[VQAutoEncoder, dict[str, Transformer], dict]:
-    """The dataset's tokenizer and its priors of `kinds`, checked against each other.
-    -> (vq, priors, checkpoint hashes)."""
-    for kind in ds.priors:
-        if kind not in ("absorbing", "autoregressive"):
-            raise BenchError(f"{cfg.path}: datasets.{ds.name}.priors.{kind}: expected 'absorbing' or 'autoregressive'")
-    tokenizer = checkpoint_path(cfg, ds, ds.tokenizer, "tokenizer")
-    vq, _ = load_vq(tokenizer, official_hparams=ds.official_hparams)
-    hashes = {"tokenizer": checkpoint_sha256(tokenizer)}
+def load_models(cfg: Config, ds: DatasetConfig, device, kinds) -> tuple[Tokenizer, dict[str, Prior]]:
+    """The dataset's tokenizer and its priors of `kinds`, each checked against the tokenizer that
+    decodes its samples. -> (tokenizer, {kind: prior})."""
+    tokenizer = load_tokenizer(cfg.checkpoint_ref(ds, ds.tokenizer, "tokenizer"), ds.official_hparams)
+    tokenizer.check_images(ds.resolution, ds.channels, ds.name)
     priors = {}
-    for kind, stem in ds.priors.items():
-        if kind not in kinds:
-            continue
-        stem = checkpoint_path(cfg, ds, stem, f"priors.{kind}")
-        model, _ = load_transformer(stem, kind, official_hparams=ds.official_hparams)
-        if model.cfg.codebook_size != vq.cfg.codebook_size or model.cfg.block_size != vq.cfg.latent_hw ** 2:
-            raise BenchError(f"prior {stem} expects codebook {model.cfg.codebook_size} and {model.cfg.block_size} tokens; "
-                             f"tokenizer {ds.tokenizer} has codebook {vq.cfg.codebook_size} and {vq.cfg.latent_hw ** 2} tokens")
-        priors[kind] = model.to(device)
-        hashes[kind] = checkpoint_sha256(stem)
-    return vq.to(device), priors, hashes
+    for kind in kinds:
+        if kind not in ds.priors:
+            raise BenchError(f"{cfg.path}: datasets.{ds.name}.priors.{kind} is not set; a requested sampler needs it")
+        prior = load_prior(cfg.checkpoint_ref(ds, ds.priors[kind], f"priors.{kind}"), kind, ds.official_hparams)
+        own = prior.tokenizer
+        if own is not None:
+            own.check_images(ds.resolution, ds.channels, ds.name)
+        prior.check_fits(own or tokenizer)
+        priors[kind] = prior.to(device)
+    return tokenizer.to(device), priors
 
 
-def load_pipeline(cfg: Config, ds: DatasetConfig, device: str, samplers: list[str],
-                  execution: Execution | None = None) -> Pipeline:
+@dataclass
+class Pipeline:
+    """Everything a run's rows need, loaded and checked once."""
+    settings: RunSettings
+    device: torch.device
+    tokenizer: Tokenizer            # the dataset's
+    priors: dict[str, Prior]
+    extractor: Extractor
+    train: object
+    heldout: object | None
+    hashes: dict
+    dist: distributed.Dist = distributed.SINGLE   # torchrun: this process's rank (bench.distributed)
+    samplers: dict = field(default_factory=dict)
+
+    @property
+    def ds(self) -> DatasetConfig:
+        return self.settings.dataset
+
+    def sampler(self, name: str) -> Sampler:
+        if name not in self.samplers:
+            self.samplers[name] = make_sampler(name, self.priors, self.tokenizer, self.settings.execution)
+        return self.samplers[name]
+
+    def heldout_tokenizer(self, row: str) -> Tokenizer | None:
+        """The tokenizer a held-out control row goes through: none for `data`, the dataset's for
+        `reconstruction`, a prior's own for `reconstruction-<kind>`."""
+        if row == "data":
+            return None
+        if row == "reconstruction":
+            return self.tokenizer
+        return self.priors[row.removeprefix("reconstruction-")].tokenizer
+
+
+def load_pipeline(settings: RunSettings, plan: list["PlannedRow"], dist=distributed.SINGLE) -> Pipeline:
     """Load and check every input before anything is written."""
-    device = torch.device(device)
-    execution = execution or Execution.parse(cfg.run["execution"])
-    execution.check_device(device)
+    cfg, ds = settings.config, settings.dataset
+    device = torch.device(settings.device)
+    settings.execution.check_device(device)
     check_device(device)
-    train = open_split(cfg, ds, "train")
-    heldout = open_split(cfg, ds, "heldout") if ds.kind == "digits" or "heldout" in ds.splits else None
+    train = ds.source.open("train")
+    heldout = ds.source.open("heldout") if ds.source.has_split("heldout") else None
     if train.resolution != ds.resolution or train.channels != ds.channels:
         raise BenchError(f"dataset {ds.name}: images are {train.resolution}px x {train.channels} channels, "
                          f"config says {ds.resolution}px x {ds.channels}")
-    _load_baselines()  # unknown samplers are refused below, by make_sampler
-    # load only the priors the requested rows use
-    vq, priors, hashes = load_models(cfg, ds, device, {SAMPLER_PRIORS.get(s) for s in samplers} - {None})
-    if vq.cfg.img_size != ds.resolution or vq.cfg.n_channels != ds.channels:
-        raise BenchError(f"tokenizer {ds.tokenizer} is for {vq.cfg.img_size}px x {vq.cfg.n_channels} channels, "
-                         f"dataset {ds.name} is {ds.resolution}px x {ds.channels}")
-    extractor = load_extractor(ds.extractor, str(device), weights_path=extractor_weights(cfg, ds.extractor))
-    hashes["extractor"] = extractor.weights_sha256
-    pipe = Pipeline(cfg, ds, device, vq, priors, extractor, train, heldout, hashes, execution)
-    for name in samplers:  # fail now on an unknown sampler or a missing prior
-        if name not in CONTROL_ROWS or name == "random-codes":
-            pipe.make_sampler(name)
+    if heldout is None and any(p.settings is None for p in plan):
+        raise BenchError(f"rows {', '.join(p.slug for p in plan if p.settings is None)} need a held-out split: "
+                         f"set datasets.{ds.name}.heldout in {cfg.path}")
+    kinds = {p.prior_kind for p in plan} - {None}
+    tokenizer, priors = load_models(cfg, ds, device, sorted(kinds))
+    extractor = load_extractor(ds.extractor, str(device), weights_path=cfg.extractor_weights(ds.extractor))
+    hashes = {"tokenizer": tokenizer.sha256, **{k: p.sha256 for k, p in priors.items()},
+              "extractor": extractor.weights_sha256}
+    pipe = Pipeline(settings, device, tokenizer, priors, extractor, train, heldout, hashes, dist)
+    for p in plan:  # every sampled row's settings fit its sampler (steps within the token count, ...)
+        if p.settings is not None:
+            pipe.sampler(p.settings.sampler).check(p.settings)
     return pipe
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class PlannedRow:
+    slug: str
+    settings: SamplerSettings | None   # None: a held-out control row (data, reconstruction[-kind])
+    prior_kind: str | None = None      # the prior the row needs loaded
+
+    def as_dict(self) -> dict:
+        return self.settings.as_dict() if self.settings is not None else {"sampler": self.slug}
+
+
+def plan_rows(ds: DatasetConfig, samplers=None, steps=None) -> list[PlannedRow]:
+    """Control rows, then the sweep of bench.toml: every entry at each of its temperatures and (for
+    samplers with steps) step counts. samplers: a subset of row names; steps: override the sweep's."""
+    sweep = []
+    for entry in ds.sweep:
+        cls = sampler_class(entry.sampler)
+        entry_steps = [None]
+        if cls.takes_steps:
+            entry_steps = list(steps or entry.steps or [])
+            if not entry_steps:
+                raise BenchError(f"datasets.{ds.name}.sweep: sampler {entry.sampler!r} takes steps; give `steps`")
+        for t in entry.temperature:
+            for s in entry_steps:
+                sweep.append(cls.settings(s, t, entry.top_k, entry.top_p))
+    priors_used = {sampler_class(s.sampler).prior_kind for s in sweep}
+    own_reconstructions = [kind for kind in sorted(priors_used - {None}) if PRIOR_KINDS.get(kind, False)]
+    # every run has the control rows: held-out images as they are and through each tokenizer, and
+    # the control samplers (random codes)
+    controls = [PlannedRow(name, None) for name in HELDOUT_ROWS]
+    controls += [PlannedRow(f"reconstruction-{kind}", None, kind) for kind in own_reconstructions]
+    controls += [PlannedRow(cls.settings().slug(), cls.settings()) for cls in SAMPLERS.values() if cls.control]
+    sampled = [PlannedRow(s.slug(), s, sampler_class(s.sampler).prior_kind) for s in sweep]
+    plan = controls + sampled
+    if samplers is not None:
+        names = {p.settings.sampler if p.settings is not None else p.slug for p in plan}
+        unknown = [s for s in samplers if s not in names]
+        if unknown:
+            raise BenchError(f"--samplers {','.join(unknown)}: not in the sweep of dataset {ds.name} "
+                             f"(it has: {', '.join(sorted(names))})")
+        plan = [p for p in plan if (p.settings.sampler if p.settings is not None else p.slug) in samplers]
+    slugs = [p.slug for p in plan]
+    repeated = sorted({s for s in slugs if slugs.count(s) > 1})
+    if repeated:
+        raise BenchError(f"datasets.{ds.name}.sweep gives row {repeated[0]!r} twice; each configuration once")
+    if not plan:
+        raise BenchError("nothing to run: the sweep and --samplers select no rows")
+    return plan
 
 
 # ----------------------------------------------------------------------------- reference
 
 def reference_key(pipe: Pipeline) -> str:
-    parts = {"dataset": pipe.ds.name, "content": pipe.train.content_id(), "split": "train",
-             "resolution": pipe.ds.resolution, "channels": pipe.ds.channels,
-             "preprocessing": "resize+centercrop" if pipe.ds.kind != "digits" else "digits-bilinear",
+    ds = pipe.ds
+    parts = {"dataset": ds.name, "content": pipe.train.content_id(), "split": "train",
+             "resolution": ds.resolution, "channels": ds.channels, "preprocessing": ds.source.preprocessing,
              "extractor": pipe.extractor.name, "extractor_sha256": pipe.extractor.weights_sha256,
              "count": len(pipe.train)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def reference_features(pipe: Pipeline, progress: bool) -> tuple[np.ndarray, str]:
-    """Features of the whole training split, cached under a key of everything that changes them."""
+    """Features of the whole training split, cached under a key of everything that changes them.
+    A cache file that cannot be read or has the wrong shape is recomputed."""
     key = reference_key(pipe)
-    cache = Path(pipe.cfg.run["cache_dir"]).expanduser() / "reference" / f"{pipe.ds.name}-{key}.npy"
+    cache = pipe.settings.cache_dir / "reference" / f"{pipe.ds.name}-{key}.npy"
     if cache.is_file():
-        feats = np.load(cache)
-        if feats.shape[0] == len(pipe.train):
-            return feats, key
-    batch = pipe.ds.batch_size or pipe.cfg.run["batch_size"]
-    feats = extract_features(pipe.extractor, iterate_batches(pipe.train, batch), total=len(pipe.train),
-                             desc=f"reference features ({pipe.ds.name} train)", progress=progress)
-    import io
+        try:
+            feats = np.load(cache, allow_pickle=False)
+            if feats.shape == (len(pipe.train), pipe.extractor.dim) and np.isfinite(feats).all():
+                return feats, key
+        except (OSError, ValueError, EOFError):
+            pass
+    feats = extract_features(pipe.extractor, iterate_batches(pipe.train, pipe.settings.batch_size),
+                             total=len(pipe.train), desc=f"reference features ({pipe.ds.name} train)",
+                             progress=progress)
     buf = io.BytesIO()
     np.save(buf, feats)
     atomic_write_bytes(cache, buf.getvalue())
@@ -177,46 +208,23 @@ def reference_features(pipe: Pipeline, progress: bool) -> tuple[np.ndarray, str]
 
 # ----------------------------------------------------------------------------- rows
 
-def expand_sweep(ds: DatasetConfig, samplers: list[str] | None, steps: list[int] | None) -> list[SamplerSettings]:
-    rows = []
-    for entry in ds.sweep:
-        if samplers is not None and entry.sampler not in samplers:
-            continue
-        entry_steps = (steps or entry.steps) if entry.steps is not None else [None]
-        for t in entry.temperatures:
-            for s in entry_steps:
-                rows.append(SamplerSettings(entry.sampler, s, t, entry.top_k, entry.top_p))
-    if samplers is not None:
-        configured = {e.sampler for e in ds.sweep} | set(CONTROL_ROWS)
-        unknown = [s for s in samplers if s not in configured]
-        if unknown:
-            raise BenchError(f"--samplers {','.join(unknown)}: not in the sweep of dataset {ds.name} "
-                             f"(it has: {', '.join(sorted(configured))})")
-    return rows
-
-
-def _batch_size(pipe: Pipeline) -> int:
-    return pipe.ds.batch_size or pipe.cfg.run["batch_size"]
-
-
-def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, n: int, grid: dict,
-                      starts: list[int], shards: "results.ShardStore | None", label: str,
-                      progress: bool) -> np.ndarray:
+def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, grid: dict,
+                      starts: list[int], shards: ShardStore | None, label: str, progress: bool) -> np.ndarray:
     """Features of the batches starting at `starts` (all of 0, B, 2B, ... < n, or this rank's share),
-    each batch sampled, decoded and extracted, or read back from a shard an interrupted run finished.
-    grid: sample index -> image, for the indices below GRID_SIZE."""
-    batch = _batch_size(pipe)
-    seed = pipe.cfg.run["seed"]
+    each batch sampled, decoded by the sampler's tokenizer and extracted, or read back from a shard an
+    interrupted run finished. grid: sample index -> image, for the indices below GRID_SIZE."""
+    n, batch, seed = pipe.settings.num_samples, pipe.settings.batch_size, pipe.settings.seed
     out = []
     total = sum(min(batch, n - s) for s in starts)
     with tqdm(total=total, desc=label, unit="img", disable=not progress, leave=False) as bar:
         for start in starts:
-            done = shards.load(start) if shards is not None else None
+            size = min(batch, n - start)
+            done = shards.load(start, size, pipe.extractor.dim) if shards is not None else None
             if done is None:
-                idx = range(start, min(start + batch, n))
+                idx = range(start, start + size)
                 with torch.no_grad():
                     tokens = sampler.sample(SampleNoise(seed, idx, pipe.device), settings)
-                images = pipe.decode(tokens)
+                images = sampler.tokenizer.decode(tokens)
                 done = pipe.extractor(images), {i: img for i, img in zip(idx, images) if i < GRID_SIZE}
                 if shards is not None:
                     shards.save(start, *done)
@@ -226,143 +234,211 @@ def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSetting
     return np.concatenate(out) if out else np.zeros((0, pipe.extractor.dim))
 
 
-def _control_batches(pipe: Pipeline, name: str, grid: dict) -> Iterator[np.ndarray]:
+def _heldout_batches(pipe: Pipeline, row: str, grid: dict) -> Iterator[np.ndarray]:
+    tokenizer = pipe.heldout_tokenizer(row)
     seen = 0
-    for images in iterate_batches(pipe.heldout, _batch_size(pipe)):
-        if name == "reconstruction":
-            images = pipe.reconstruct(images)
+    for images in iterate_batches(pipe.heldout, pipe.settings.batch_size):
+        if tokenizer is not None:
+            images = tokenizer.reconstruct(images)
         grid.update((seen + j, img) for j, img in enumerate(images[:max(0, GRID_SIZE - seen)]))
         seen += len(images)
         yield images
 
 
 def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) -> dict:
-    t = pipe.cfg.timing
-    b, seed = t["batch_size"], pipe.cfg.run["seed"]
+    t, seed = pipe.settings.timing, pipe.settings.seed
 
     def sample():
         with torch.no_grad():
-            return sampler.sample(SampleNoise(seed, range(b), pipe.device), settings)
+            return sampler.sample(SampleNoise(seed, range(t.batch_size), pipe.device), settings)
 
-    times = time_phases(sample, pipe.decode, pipe.extractor, b, t["warmup"], t["repeats"], pipe.device)
+    times = time_phases(sample, sampler.tokenizer.decode, pipe.extractor, t.batch_size, t.warmup, t.repeats,
+                        pipe.device)
     return {**times, "passes_per_image": sampler.passes_per_image}
 
 
-def score_row(pipe: Pipeline, name: str, settings: SamplerSettings | None, n: int, ref: np.ndarray,
-              progress: bool, shards: "results.ShardStore | None" = None) -> tuple[dict, np.ndarray]:
-    """-> (row, sample grid images). `name` is a control row or settings.sampler.
-    Under torchrun a sampled row is sharded (bench.distributed): ranks other than 0 get (None, None)."""
+def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bool,
+              shards: ShardStore | None = None) -> tuple[Row | None, np.ndarray | None]:
+    """-> (row, sample grid images). Under torchrun a sampled row is sharded (bench.distributed):
+    ranks other than 0 get (None, None)."""
+    s = pipe.settings
     grid: dict = {}
-    base = {"dataset": pipe.ds.name, "sampler": name, "steps": None, "temperature": None, "top_k": None,
-            "top_p": None, "features": pipe.extractor.name, "device": device_name(pipe.device),
-            "dtype": "float32", "switches": "plain", "seed": None}
-    control = name in ("data", "reconstruction")
-    if control:
-        if pipe.heldout is None:
-            raise BenchError(f"row {name!r} needs a held-out split: set datasets.{pipe.ds.name}.heldout")
-        row = {**base, "slug": name, "label": name}
-        feats = extract_features(pipe.extractor, _control_batches(pipe, name, grid), total=len(pipe.heldout),
-                                 desc=name, progress=progress)
+    row = Row(dataset=pipe.ds.name, sampler=planned.slug, features=pipe.extractor.name,
+              device=device_name(pipe.device), dtype="float32", switches="plain", slug=planned.slug,
+              label=planned.slug)
+    timing = {}
+    if planned.settings is None:
+        feats = extract_features(pipe.extractor, _heldout_batches(pipe, planned.slug, grid),
+                                 total=len(pipe.heldout), desc=planned.slug, progress=progress)
     else:
-        sampler = pipe.make_sampler(name)
-        sampler.check(settings)
-        batch = _batch_size(pipe)
-        starts = pipe.dist.my_batches(range(0, n, batch))  # all batches in a single process
-        indices = np.array([i for s in starts for i in range(s, min(s + batch, n))], dtype=np.int64)
-        row = {**base, **settings.as_dict(), "slug": settings.slug(), "label": settings.label(),
-               "seed": pipe.cfg.run["seed"], "nfe": sampler.nfe(settings), "execution": sampler.execution(),
-               "switches": sampler.options.spec(), "dtype": sampler.options.dtype}
-        if name == "random-codes":
-            row.update(slug="random-codes", label="random-codes", temperature=None)
-        feats = _sampled_features(pipe, sampler, settings, n, grid, starts, shards, row["label"], progress)
+        settings = planned.settings
+        sampler = pipe.sampler(settings.sampler)
+        starts = pipe.dist.my_batches(range(0, s.num_samples, s.batch_size))  # all batches in one process
+        indices = np.array([i for b in starts for i in range(b, min(b + s.batch_size, s.num_samples))],
+                           dtype=np.int64)
+        row = Row(**{**row.__dict__, **settings.as_dict(), "label": settings.label(), "seed": s.seed,
+                     "nfe": sampler.nfe(settings), "execution": sampler.execution(),
+                     "switches": sampler.options.spec(), "dtype": sampler.options.dtype})
+        feats = _sampled_features(pipe, sampler, settings, grid, starts, shards, row.label, progress)
         feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
         if feats is None:
             return None, None  # not rank 0: metrics, timing and writing are rank 0's
+        timing = time_sampler(pipe, sampler, settings)
     # the reference is the training split, so memorisation is measured against what the models saw
-    metrics = compute_metrics(feats, ref, {**pipe.cfg.metrics, **pipe.ds.metrics, "seed": pipe.cfg.run["seed"],
-                                           "memorisation": True})
-    if pipe.cfg.metrics.get("cleanfid_check"):
+    metrics = compute_metrics(feats, ref, {**s.metrics.as_dict(), "seed": s.seed, "memorisation": True})
+    if s.metrics.cleanfid_check:
         metrics["fid_cleanfid"] = cleanfid_cross_check(feats, ref)["fid_cleanfid"]
-    timing = {} if control else time_sampler(pipe, sampler, settings)
-    row.update(n_samples=len(feats), **metrics, **timing)
+    row = Row(**{**row.__dict__, "n_samples": len(feats), **metrics, **timing})
     return row, np.stack([grid[i] for i in sorted(grid)])
 
 
 # ----------------------------------------------------------------------------- the run
 
-@dataclass
-class RunRequest:
-    dataset: str | None = None
-    samplers: list[str] | None = None
-    steps: list[int] | None = None
-    num_samples: int | None = None
-    device: str | None = None
-    execution: str | None = None  # speed switches (bench.execution); None: run.execution of bench.toml
-    run_name: str | None = None
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
+def build_manifest(pipe: Pipeline, plan: list[PlannedRow]) -> dict:
+    s, ds = pipe.settings, pipe.ds
+    cfg = s.config
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "config_file": str(cfg.path),
+        "profile": cfg.profile,
+        "config": cfg.raw,
+        "dataset": ds.name,
+        "dataset_content": pipe.train.content_id(),
+        "heldout_content": pipe.heldout.content_id() if pipe.heldout is not None else None,
+        # images or records dropped as undecodable (on_corrupt = "skip"), per split
+        "skipped": {split: len(getattr(data, "skipped", [])) for split, data in
+                    (("train", pipe.train), ("heldout", pipe.heldout)) if data is not None},
+        "num_samples": s.num_samples,
+        "seed": s.seed,
+        "seeding": "sample i draws from its own generator seeded by numpy SeedSequence([seed, i])",
+        "extractor": pipe.extractor.name,
+        "hashes": pipe.hashes,
+        "metrics": {k: v for k, v in s.metrics.as_dict().items() if v not in (None, False)},
+        "timing": {**asdict(s.timing), "peak_mem_mb": "cuda: max allocated; cpu: process peak RSS (high-water mark)"},
+        "rows": [p.as_dict() for p in plan],
+        "device": device_name(pipe.device),
+        "execution": s.execution.spec(),  # speed switches asked for; each row says which applied
+        "versions": versions(),
+        "git": git_commit(),
+        "dataset_config": {k: v for k, v in asdict(ds).items()
+                           if k not in ("sweep", "source", "overrides", "name") and v is not None},
+    }
+    if pipe.dist.sharded:
+        manifest["distributed"] = {"world_size": pipe.dist.world_size, "sharding": "whole batches, round-robin"}
+    return manifest
 
 
-def plan_rows(ds: DatasetConfig, req: RunRequest) -> list[tuple[str, SamplerSettings | None]]:
-    controls = [c for c in CONTROL_ROWS if req.samplers is None or c in req.samplers]
-    plan = [(c, SamplerSettings("random-codes", None, 1.0) if c == "random-codes" else None) for c in controls]
-    return plan + [(s.sampler, s) for s in expand_sweep(ds, req.samplers, req.steps)]
-
-
-def run(cfg: Config, req: RunRequest) -> Path:
-    ds = cfg.dataset(req.dataset)
-    n = req.num_samples or ds.num_samples
-    if n < 1:
-        raise BenchError(f"--num-samples must be positive, got {n}")
-    device = req.device or cfg.run["device"]
-    plan = plan_rows(ds, req)
-    if not plan:
-        raise BenchError("nothing to run: the sweep and --samplers select no rows")
+def run(settings: RunSettings) -> Path:
+    plan = plan_rows(settings.dataset, settings.samplers, settings.steps)
     # torchrun: join the process group; every rank checks the same input, rank 0 alone writes
-    dist = distributed.init(device)
-    device, main = dist.device(device), dist.is_main
-    execution = Execution.parse(req.execution or cfg.run["execution"])
-    pipe = load_pipeline(cfg, ds, device, [name for name, _ in plan], execution)
-    pipe.dist = dist
-    manifest = results.build_manifest(cfg, ds, req, pipe, n, plan)
-    if dist.sharded:
-        manifest["distributed"] = {"world_size": dist.world_size, "sharding": "whole batches, round-robin"}
-    run_dir = results.check_run_dir(cfg, ds, req, manifest)
-    done = results.finished_rows(run_dir) if req.resume and run_dir.exists() else {}
-    if req.force and dist.sharded and main and run_dir.exists():
-        shutil.rmtree(run_dir)  # now, before any rank writes shards into it
-    distributed.barrier(dist)  # every rank has checked the run directory before rank 0 creates it
-    progress = req.progress and main
+    dist = distributed.init(settings.device)
+    settings = _on_rank(settings, dist)
+    main = dist.is_main
+    pipe = load_pipeline(settings, plan, dist)
+    manifest = build_manifest(pipe, plan)
+    store = RunStore(settings.results_dir, settings.dataset.name, settings.run_name, settings.resume, settings.force)
+    if main:
+        store.lock()
+    try:
+        done = store.check(manifest)
+        if settings.force and dist.sharded and main:
+            store.begin(manifest)  # now, before any rank writes shards into it
+        distributed.barrier(dist)  # every rank has checked the run directory before rank 0 creates it
+        _run_rows(pipe, plan, manifest, store, done, main, settings.progress and main)
+    finally:
+        if main:
+            store.release()
+    distributed.finish(dist)
+    return store.dir
+
+
+def _on_rank(settings: RunSettings, dist) -> RunSettings:
+    from dataclasses import replace
+    return replace(settings, device=dist.device(settings.device))
+
+
+def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: RunStore, done: dict,
+              main: bool, progress: bool) -> None:
     ref, ref_key = reference_features(pipe, progress) if main else (None, None)
     if main:
         manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
-    created = bool(done) or (req.resume and run_dir.exists())
+    if done or store.resume:
+        store.created = True  # resuming: the folder and its manifest are there
 
     def before_first_write():
-        nonlocal created
-        if main and not created:  # sharded: the old run was removed above, other ranks may be writing
-            results.create_run_dir(run_dir, manifest, req.force and not dist.sharded)
-            created = True
+        if main:  # sharded: the old run was removed already, other ranks may be writing
+            store.begin(manifest)
 
     rows = []
-    for name, settings in tqdm(plan, desc=f"rows ({ds.name})", unit="row", disable=not progress):
-        slug = settings.slug() if settings is not None and name != "random-codes" else name
-        if slug in done:
-            rows.append(done[slug])
+    for planned in tqdm(plan, desc=f"rows ({pipe.ds.name})", unit="row", disable=not progress):
+        if planned.slug in done:
+            rows.append(done[planned.slug])
             continue
-        if not main and name in ("data", "reconstruction"):
+        if not main and planned.settings is None:
             continue  # held-out control rows: rank 0 alone
-        shards = results.ShardStore(run_dir / "rows" / f"{slug}.shards", _batch_size(pipe), before_first_write)
-        row, grid = score_row(pipe, name, settings, n, ref, progress, shards)
+        shards = store.shards(planned.slug, pipe.settings.batch_size, before_first_write)
+        row, grid = score_row(pipe, planned, ref, progress, shards)
         if not main:
             continue
         before_first_write()
-        results.save_grid(run_dir, slug, grid)
-        results.write_row(run_dir, row)
-        shards.remove()
+        store.write_row(row, grid)
         rows.append(row)
     if main:
-        results.finish(run_dir, manifest, rows)
-    distributed.finish(dist)
-    return run_dir
+        store.finish(manifest, rows)
+
+
+# ----------------------------------------------------------------------------- bench sample, bench datasets
+
+def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None, temperature: float,
+                   top_k: int | None, top_p: float | None, num: int, seed: int, first_index: int, batch_size: int,
+                   device: str, execution: str, out: Path, force: bool = False) -> str:
+    """Samples `first_index .. first_index + num - 1` of sampler `name` to out (.npz: `tokens` (N, h, w)
+    int64, `images` (N, H, W, C) uint8). Loads only the tokenizer and the prior the sampler needs."""
+    from .checkpoints import check_writable
+    from .samplers import generate
+    check_writable(out, force)
+    cls = sampler_class(name)
+    settings = cls.settings(steps, temperature, top_k, top_p)
+    dev = torch.device(device)
+    execution = Execution.parse(execution)
+    execution.check_device(dev)
+    check_device(dev)
+    tokenizer, priors = load_models(cfg, ds, dev, [cls.prior_kind] if cls.prior_kind else [])
+    sampler = make_sampler(name, priors, tokenizer, execution)
+    sampler.check(settings)
+    tokens = generate(sampler, settings, seed, range(first_index, first_index + num), batch_size, dev)
+    images = np.concatenate([sampler.tokenizer.decode(tokens[i:i + batch_size])
+                             for i in range(0, len(tokens), batch_size)])
+    hw = sampler.tokenizer.latent_hw
+    buf = io.BytesIO()
+    np.savez(buf, tokens=tokens.reshape(-1, hw, hw), images=images, seed=seed,
+             indices=np.arange(first_index, first_index + num), execution=sampler.execution(),
+             tokenizer=sampler.tokenizer.name)
+    atomic_write_bytes(out, buf.getvalue())
+    return f"wrote {out}: tokens {tokens.reshape(-1, hw, hw).shape}, images {images.shape} ({settings.label()})"
+
+
+def describe_dataset(cfg: Config, ds: DatasetConfig) -> list[str]:
+    """Lines for `bench datasets`: the dataset, its splits and checkpoints, and whether each is present."""
+    from .loading import reference_files
+    from .paths import env_names
+    lines = [f"{ds.name} ({ds.kind}, {ds.resolution}px, extractor {ds.extractor}, tokenizer {ds.tokenizer})"]
+    lines += [f"  {split}: {text}" for split, text in ds.source.describe().items()]
+    for key, written in [("tokenizer", ds.tokenizer)] + [(f"priors.{k}", v) for k, v in ds.priors.items()]:
+        try:
+            ref = cfg.checkpoint_ref(ds, written, key)
+        except BenchError as e:
+            lines.append(f"  {key}: not available: {e}")
+            continue
+        files = reference_files(ref)
+        missing = [f for f in files if not f.exists()]
+        what = "official checkpoint" if ref.endswith(".th") else "checkpoint"
+        if missing:
+            names = env_names(written)
+            via = f"${', $'.join(names)} or " if names else ""
+            lines.append(f"  {key}: {what} {missing[0]} (missing); set {via}datasets.{ds.name}.{key} "
+                         f"(= {written!r}) in {cfg.path}")
+        else:
+            lines.append(f"  {key}: {what} {files[0]} (present)")
+    return lines

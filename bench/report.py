@@ -51,7 +51,7 @@ def markdown_table(rows: list[dict]) -> str:
             ("img_per_s", "img/s", 1)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(k), d) for k, _, d in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(getattr(row, k), d) for k, _, d in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -59,11 +59,11 @@ def _series(rows: list[dict]) -> dict:
     """(sampler, temperature, top_k, top_p) -> rows with steps, sorted by steps."""
     out: dict = {}
     for r in rows:
-        if r.get("steps") is None:
+        if r.steps is None:
             continue
-        key = (r["sampler"], r.get("temperature"), r.get("top_k"), r.get("top_p"))
+        key = (r.sampler, r.temperature, r.top_k, r.top_p)
         out.setdefault(key, []).append(r)
-    return {k: sorted(v, key=lambda r: r["steps"]) for k, v in out.items()}
+    return {k: sorted(v, key=lambda r: r.steps) for k, v in out.items()}
 
 
 def _series_label(key) -> str:
@@ -99,40 +99,40 @@ def figure_metric_vs_steps(rows: list[dict], metric: str, ylabel: str, title: st
     series = _series(rows)
     colors = {}
     for i, (key, rs) in enumerate(series.items()):
-        line, = ax.plot([r["steps"] for r in rs], [r.get(metric) for r in rs], marker="o", label=_series_label(key))
+        line, = ax.plot([r.steps for r in rs], [getattr(r, metric) for r in rs], marker="o", label=_series_label(key))
         colors[key] = line.get_color()
     for r in rows:  # samplers without a step count (autoregressive): a dashed level
-        if r.get("steps") is None and r["sampler"] not in CONTROL_STYLE and r.get(metric) is not None:
-            ax.axhline(r[metric], ls="--", lw=1.2, color="tab:purple", label=r.get("label", r["sampler"]))
+        if r.steps is None and r.sampler not in CONTROL_STYLE and getattr(r, metric) is not None:
+            ax.axhline(getattr(r, metric), ls="--", lw=1.2, color="tab:purple", label=(r.label or r.sampler))
     if controls:
         for r in rows:
-            if r["sampler"] in CONTROL_STYLE and r.get(metric) is not None:
-                color, label = CONTROL_STYLE[r["sampler"]]
-                ax.axhspan(r[metric] * 0.98, r[metric] * 1.02, color=color, alpha=0.25, lw=0)
-                ax.axhline(r[metric], ls=":", lw=1.5, color=color, label=label)
+            if r.sampler in CONTROL_STYLE and getattr(r, metric) is not None:
+                color, label = CONTROL_STYLE[r.sampler]
+                ax.axhspan(getattr(r, metric) * 0.98, getattr(r, metric) * 1.02, color=color, alpha=0.25, lw=0)
+                ax.axhline(getattr(r, metric), ls=":", lw=1.5, color=color, label=label)
     for key, rs in _series(paper_rows or []).items():
-        if rs and rs[0].get(metric) is not None:
-            ax.plot([r["steps"] for r in rs], [r[metric] for r in rs], ls="none", marker="x", ms=7,
+        if rs and getattr(rs[0], metric) is not None:
+            ax.plot([r.steps for r in rs], [getattr(r, metric) for r in rs], ls="none", marker="x", ms=7,
                     color=colors.get(key, "black"), label=f"paper: {_series_label(key)}")
-    all_steps = sorted({r["steps"] for rs in list(series.values()) + list(_series(paper_rows or []).values())
+    all_steps = sorted({r.steps for rs in list(series.values()) + list(_series(paper_rows or []).values())
                         for r in rs})
     if all_steps:
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_steps, [str(s) for s in all_steps])
         ax.minorticks_off()
-    if metric == "fid" and controls and any(r["sampler"] == "random-codes" for r in rows):
+    if metric == "fid" and controls and any(r.sampler == "random-codes" for r in rows):
         ax.set_yscale("log")
     return _finish(fig, ax, "sampling steps", ylabel, title)
 
 
 def figure_pareto(rows: list[dict], title: str) -> bytes:
     """FID against seconds per image: the quality/speed trade-off, with the Pareto front."""
-    pts = [(1.0 / r["img_per_s"], r["fid"], r.get("label", r["slug"])) for r in rows
-           if r.get("img_per_s") and r.get("fid") is not None and r["sampler"] not in CONTROL_STYLE]
+    pts = [(1.0 / r.img_per_s, r.fid, (r.label or r.slug)) for r in rows
+           if r.img_per_s and r.fid is not None and r.sampler not in CONTROL_STYLE]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    samplers = sorted({r["sampler"] for r in rows if r.get("img_per_s") and r["sampler"] not in CONTROL_STYLE})
+    samplers = sorted({r.sampler for r in rows if r.img_per_s and r.sampler not in CONTROL_STYLE})
     for sampler in samplers:
-        sel = [(1.0 / r["img_per_s"], r["fid"]) for r in rows if r["sampler"] == sampler and r.get("img_per_s")]
+        sel = [(1.0 / r.img_per_s, r.fid) for r in rows if r.sampler == sampler and r.img_per_s]
         ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=sampler, s=22, zorder=3)
     front, best = [], float("inf")
     for x, y, _ in sorted(pts):
@@ -145,16 +145,16 @@ def figure_pareto(rows: list[dict], title: str) -> bytes:
     for x, y, label in pts:
         ax.annotate(label.split(", t=")[0], (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points")
     for r in rows:
-        if r["sampler"] in CONTROL_STYLE and r.get("fid") is not None and r["sampler"] != "random-codes":
-            color, label = CONTROL_STYLE[r["sampler"]]
-            ax.axhline(r["fid"], ls=":", lw=1.2, color=color, label=label)
+        if r.sampler in CONTROL_STYLE and r.fid is not None and r.sampler != "random-codes":
+            color, label = CONTROL_STYLE[r.sampler]
+            ax.axhline(r.fid, ls=":", lw=1.2, color=color, label=label)
     if pts:
         ax.set_xscale("log")
     return _finish(fig, ax, "seconds per image (sampling + decoding)", "FID", title)
 
 
 def figure_sample_grids(run_dir: Path, rows: list[dict]) -> bytes | None:
-    grids = [(r.get("label", r["slug"]), Path(run_dir) / "samples" / f"{r['slug']}.png") for r in rows]
+    grids = [((r.label or r.slug), Path(run_dir) / "samples" / f"{r.slug}.png") for r in rows]
     grids = [(label, p) for label, p in grids if p.is_file()]
     if not grids:
         return None
@@ -174,34 +174,34 @@ def figure_sample_grids(run_dir: Path, rows: list[dict]) -> bytes | None:
 # ----------------------------------------------------------------------------- tables
 
 def _paper_by_slug(paper_rows):
-    return {r["slug"]: r for r in (paper_rows or [])}
+    return {r.slug: r for r in (paper_rows or [])}
 
 
 def table_fid_vs_steps(rows: list[dict]) -> tuple[list[str], list[list]]:
     """Table-3 style: one row per (dataset, sampler, temperature), one column per step count."""
     series = _series(rows)
-    steps = sorted({r["steps"] for rs in series.values() for r in rs})
+    steps = sorted({r.steps for rs in series.values() for r in rs})
     header = ["dataset", "sampler"] + [str(s) for s in steps]
     body = []
     for key, rs in series.items():
-        by = {r["steps"]: r.get("fid") for r in rs}
-        body.append([rs[0]["dataset"], _series_label(key)] + [by.get(s) for s in steps])
+        by = {r.steps: r.fid for r in rs}
+        body.append([rs[0].dataset, _series_label(key)] + [by.get(s) for s in steps])
     return header, body
 
 
 def table_prdc(rows: list[dict]) -> tuple[list[str], list[list]]:
     """Table-1 style: precision, recall, density, coverage per row."""
     header = ["dataset", "row", "precision", "recall", "density", "coverage"]
-    return header, [[r["dataset"], r.get("label", r["slug"]), r.get("precision"), r.get("recall"),
-                     r.get("density"), r.get("coverage")] for r in rows]
+    return header, [[r.dataset, (r.label or r.slug), r.precision, r.recall,
+                     r.density, r.coverage] for r in rows]
 
 
 def table_fid_per_sampler(rows: list[dict], paper_rows=None) -> tuple[list[str], list[list]]:
     """Table-2 style: FID of every row, with the paper's number for the same row where there is one."""
     paper = _paper_by_slug(paper_rows)
     header = ["dataset", "row", "N", "FID", "paper FID", "img/s", "NFE"]
-    return header, [[r["dataset"], r.get("label", r["slug"]), r.get("n_samples"), r.get("fid"),
-                     paper.get(r["slug"], {}).get("fid"), r.get("img_per_s"), r.get("nfe")] for r in rows]
+    return header, [[r.dataset, (r.label or r.slug), r.n_samples, r.fid,
+                     getattr(paper.get(r.slug), "fid", None), r.img_per_s, r.nfe] for r in rows]
 
 
 def _cell(v, digits=3):
@@ -250,8 +250,8 @@ def paper_rows_for(run_dir: Path) -> list[dict] | None:
     paper = Path(run_dir).parent / "paper" / "results.json"
     if not paper.is_file() or Path(run_dir).name == "paper":
         return None
-    import json
-    return json.loads(paper.read_text())["rows"]
+    from .results import load_run
+    return load_run(paper.parent)[1]
 
 
 def write_all(run_dir: Path, manifest: dict, rows: list[dict], paper_rows: list[dict] | None = None) -> list[Path]:

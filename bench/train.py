@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import absorbing
+from .samplers import absorbing
 from .checkpoints import save_checkpoint
 from .data import ArrayImages, iterate_batches, to_float
+from .errors import BenchError
 from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 
 
@@ -255,8 +256,11 @@ def train_model(cfg, ds, model: str, out_stem: str, seed: int = 0, steps: int | 
                 progress: bool = True) -> dict:
     """`bench train`: the recipe that made the shipped digits checkpoint of `model`."""
     from .data import digits_split
-    from .models import load_vq
-    split = dict(resolution=ds.resolution, heldout_size=ds.source["heldout_size"], split_seed=ds.source["split_seed"])
+    from .data import DigitsSource
+    from .loading import load_vq
+    if not isinstance(ds.source, DigitsSource):
+        raise BenchError(f"bench train supports the embedded digits data only; {ds.name!r} is {ds.kind!r}")
+    split = dict(resolution=ds.resolution, heldout_size=ds.source.heldout_size, split_seed=ds.source.split_seed)
     train, heldout = digits_split("train", **split), digits_split("heldout", **split)
     if model == "extractor":
         from .features import train_digits_extractor

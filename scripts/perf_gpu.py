@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import baselines  # noqa: E402,F401  (registers the autoregressive samplers)
 from bench.execution import Execution  # noqa: E402
 from bench.perf import (PerfRow, attach_extractor, matmul_peaks, perf_result, random_models,  # noqa: E402
                         time_row, write_perf)
-from bench.samplers import SamplerSettings  # noqa: E402
+from bench.results import Row  # noqa: E402
+from bench.samplers.registry import sampler_class  # noqa: E402
 from bench.timing import device_name  # noqa: E402
 
 FAST = "bf16+skip-idle+head-where-drawn+compile"
@@ -62,23 +62,23 @@ def main() -> None:
     peaks = matmul_peaks(device)
     started = time.perf_counter()
     rows = []
-    block_size = models.priors["absorbing"].cfg.block_size
+    seq_len = models.priors["absorbing"].seq_len
     for sampler, steps, spec, batch, warmup, repeats in PLAN:
-        settings = SamplerSettings(sampler, min(steps, block_size) if steps else None, 1.0)  # tiny: <= 64 steps
+        settings = sampler_class(sampler).settings(min(steps, seq_len) if steps else None, 1.0)  # tiny: <= 64 steps
         batch = max(1, int(batch * args.batch_scale))
-        base = {"label": settings.label(), "sampler": sampler, "steps": steps, "switches": spec, "batch_size": batch}
+        base = dict(label=settings.label(), sampler=sampler, steps=steps, switches=spec, batch_size=batch)
         elapsed = time.perf_counter() - started
         if rows and elapsed > args.budget:
-            rows.append({**base, "error": f"not run: {elapsed:.0f} s of the {args.budget:.0f} s budget spent"})
+            rows.append(Row(**base, error=f"not run: {elapsed:.0f} s of the {args.budget:.0f} s budget spent"))
             continue
         try:
             row = time_row(models, PerfRow(settings, Execution.parse(spec), batch), warmup, repeats, device, peaks)
         except Exception as e:  # recorded, so that one failing switch leaves the rest of the table
-            row = {**base, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-        row["wall_s"] = time.perf_counter() - started - elapsed
+            row = Row(**base, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        row.wall_s = time.perf_counter() - started - elapsed
         rows.append(row)
-        print(f"{row['label']} [{spec}] batch {batch}: "
-              + (f"{row['sampling_img_per_s']:.2f} img/s sampling" if "error" not in row else row["error"]),
+        print(f"{row.label} [{spec}] batch {batch}: "
+              + (f"{row.sampling_img_per_s:.2f} img/s sampling" if row.error is None else row.error),
               flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

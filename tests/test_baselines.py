@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.autoregressive import AutoregressiveSampler
+from baselines.autoregressive import AutoregressiveRecomputeSampler, AutoregressiveSampler
 from baselines.maskgit import MaskGITSampler, masked_after_step
 from bench.errors import BenchError
 from bench.models import Transformer, TransformerConfig
@@ -28,10 +28,10 @@ def tiny(causal, seq_len=16, codebook=12, seed=0):
                                       SamplerSettings("autoregressive", None, 1.2, top_p=0.9)])
 def test_cached_and_recompute_give_identical_tokens(settings):
     prior = tiny(causal=True)
-    cached = generate(AutoregressiveSampler(prior, True), settings, 5, range(24), 24, progress=False)
-    recompute = generate(AutoregressiveSampler(prior, False), settings, 5, range(24), 24, progress=False)
+    cached = generate(AutoregressiveSampler(prior), settings, 5, range(24), 24, progress=False)
+    recompute = generate(AutoregressiveRecomputeSampler(prior), settings, 5, range(24), 24, progress=False)
     assert np.array_equal(cached, recompute)
-    assert np.array_equal(generate(AutoregressiveSampler(prior, True), settings, 5, range(24), 5, progress=False),
+    assert np.array_equal(generate(AutoregressiveSampler(prior), settings, 5, range(24), 5, progress=False),
                           cached)
     if settings.temperature > 0:
         assert len(np.unique(cached)) > 3  # not a degenerate constant sequence

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import DEFAULT_CONFIG, dataset_path, load_config
+from bench.config import DEFAULT_CONFIG, load_config
 from bench.errors import BenchError
 
 GOOD = DEFAULT_CONFIG.read_text()
@@ -70,8 +70,8 @@ def test_env_vars_in_paths(tmp_path, monkeypatch):
     ds = cfg.dataset("churches")
     monkeypatch.delenv("LSUN_ROOT", raising=False)
     with pytest.raises(BenchError, match=r"\$\{LSUN_ROOT\}, which is not set; export LSUN_ROOT"):
-        dataset_path(cfg, ds, "train")
+        ds.source.path("train")
     monkeypatch.setenv("LSUN_ROOT", "/data/lsun")
-    assert dataset_path(cfg, ds, "train") == Path("/data/lsun/church_outdoor_train_lmdb")
+    assert ds.source.path("train") == Path("/data/lsun/church_outdoor_train_lmdb")
     with pytest.raises(BenchError, match="datasets.churches.heldout is not set"):
-        dataset_path(cfg, ds, "heldout")
+        ds.source.path("heldout")

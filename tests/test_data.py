@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision import transforms
 
 from bench.data import (
-    DATASET_KINDS, ArrayImages, FolderImages, LmdbImages, describe_source, digits_labels, digits_split,
-    iterate_batches, open_images,
+    DATASET_KINDS, ArrayImages, DigitsSource, FileSource, FolderImages, LmdbImages, digits_labels, digits_split,
+    iterate_batches,
 )
 from bench.errors import BenchError
 
@@ -207,26 +207,20 @@ def test_digits_split():
         digits_split("test")
 
 
-def test_registry(tmp_path, folder, lmdb_records):
+def test_sources(tmp_path, folder, lmdb_records):
     assert set(DATASET_KINDS) == {"digits", "folder", "lsun"}
-    assert len(open_images("digits", "heldout", {"resolution": 16, "heldout_size": 100, "split_seed": 0})) == 100
-    assert len(open_images("folder", "train", {"path": str(folder), "resolution": R, "channels": 3, "on_corrupt": "error"})) == 4
+    assert len(DigitsSource(16, 1, heldout_size=100).open("heldout")) == 100
+    assert len(FileSource(R, 3, str(folder)).open("train")) == 4
     write_lmdb(tmp_path / "db", lmdb_records)
-    assert open_images("lsun", "train", {"path": str(tmp_path / "db"), "resolution": R})[0].shape == (R, R, 3)
-    with pytest.raises(BenchError, match="'cifar'.*digits, folder, lsun"):
-        open_images("cifar", "train", {})
-    with pytest.raises(BenchError, match="resolutoin"):
-        open_images("folder", "train", {"path": str(folder), "resolutoin": R, "resolution": R})
-    with pytest.raises(BenchError, match="path"):
-        open_images("lsun", "train", {"resolution": R})
+    assert FileSource(R, 3, str(tmp_path / "db"), kind="lsun").open("train")[0].shape == (R, R, 3)
+    with pytest.raises(BenchError, match="datasets.x.heldout is not set"):
+        FileSource(R, 3, str(folder), key="datasets.x").open("heldout")
 
-    assert "present, 4 image files" in describe_source("folder", {"path": str(folder)})
-    assert "missing" in describe_source("folder", {"path": str(tmp_path / "nope")})
-    assert "3 records" in describe_source("lsun", {"path": str(tmp_path / "db")})
-    assert "not an LMDB" in describe_source("lsun", {"path": str(folder)})
-    assert "embedded" in describe_source("digits", {})
-    with pytest.raises(BenchError, match="cifar"):
-        describe_source("cifar", {})
+    assert "present, 4 image files" in FileSource(R, 3, str(folder)).describe()["train"]
+    assert "missing" in FileSource(R, 3, str(tmp_path / "nope")).describe()["train"]
+    assert "3 records" in FileSource(R, 3, str(tmp_path / "db"), kind="lsun").describe()["train"]
+    assert "not an LMDB" in FileSource(R, 3, str(folder), kind="lsun").describe()["train"]
+    assert "embedded" in DigitsSource(16, 1).describe()["data"]
 
 
 def test_iterate_batches(folder):

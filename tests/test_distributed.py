@@ -40,6 +40,7 @@ def _run(workdir, prefix, name):
     return out.stdout, json.loads((workdir / "results" / "digits" / name / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(workdir):
     # batches of 5: 24 samples make 5 batches, so both ranks sample (rank 0: 3 batches, rank 1: 2)
     text = (workdir / "bench.toml").read_text()
@@ -58,6 +59,7 @@ def test_torchrun_two_processes_match_one(workdir):
     assert (workdir / "results/digits/dist" / grid).read_bytes() == (workdir / "results/digits/single" / grid).read_bytes()
 
 
+@pytest.mark.slow
 def test_torchrun_killed_part_way_resumes_to_the_single_process_numbers(workdir):
     """Kill every rank in the middle of a row; resume under torchrun; the finished batches' shards
     (keyed by batch start, not by rank) are reused and the numbers equal one uninterrupted process."""
@@ -94,6 +96,7 @@ def test_torchrun_killed_part_way_resumes_to_the_single_process_numbers(workdir)
         assert b[k] == pytest.approx(a[k], rel=1e-9), k
 
 
+@pytest.mark.slow
 def test_two_nodes_through_torchrun_rendezvous_match_one_process(workdir):
     """Two torchrun launches (--nnodes 2, one process each) meeting at a c10d rendezvous on
     localhost: the multi-node path, on one machine."""

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.autoregressive import AutoregressiveSampler
+from baselines.autoregressive import AutoregressiveRecomputeSampler, AutoregressiveSampler
 from baselines.maskgit import MaskGITSampler
-from bench.absorbing import AbsorbingSampler, mask_tokens
+from bench.samplers.absorbing import AbsorbingSampler, mask_tokens
 from bench.data import digits_split, to_float
 from bench.errors import BenchError
 from bench.execution import Execution, Network
-from bench.models import load_transformer, load_vq
+from bench.loading import load_transformer, load_vq
 from bench.samplers import SamplerSettings, generate
 from conftest import bench
 
@@ -45,20 +45,21 @@ def test_dropping_discarded_work_gives_the_plain_tokens(priors, spec, steps, tem
     den, _ = priors
     settings = SamplerSettings("absorbing", steps, temperature, top_k)
     plain = generate(AbsorbingSampler(den), settings, 3, range(48), 48, progress=False)
-    fast = AbsorbingSampler(den, Execution.parse(spec))
+    fast = AbsorbingSampler(den, execution=Execution.parse(spec))
     assert np.array_equal(generate(fast, settings, 3, range(48), 48, progress=False), plain)
     assert np.array_equal(generate(fast, settings, 3, range(48), 7, progress=False), plain)  # other batches
     if "skip-idle" in spec and steps == 64:  # 64 tokens over 64 steps: about e^-1 of the passes are idle
         assert 0.5 * steps < fast.passes_per_image < 0.8 * steps
 
 
+@pytest.mark.slow
 def test_compiled_paths_give_the_plain_tokens(priors):
     """Inductor on the CPU: the absorbing trunk with every exact switch (one dynamic graph), and the
     cached autoregressive step on its static cache, called twice (the cache is reused)."""
     den, ar = priors
     settings = SamplerSettings("absorbing", 16, 1.0)
     plain = generate(AbsorbingSampler(den), settings, 0, range(32), 16, progress=False)
-    fast = AbsorbingSampler(den, Execution.parse("skip-idle+head-where-drawn+compile"))
+    fast = AbsorbingSampler(den, execution=Execution.parse("skip-idle+head-where-drawn+compile"))
     assert np.array_equal(generate(fast, settings, 0, range(32), 16, progress=False), plain)
     settings = SamplerSettings("autoregressive", None, 1.0)
     plain = generate(AutoregressiveSampler(ar), settings, 0, range(32), 16, progress=False)
@@ -117,6 +118,7 @@ def test_bf16_draws_from_nearly_the_same_conditionals(priors):
     assert tv.mean() < 0.01 and tv.max() < 0.05, (tv.mean(), tv.max())
 
 
+@pytest.mark.slow
 def test_bf16_samples_score_like_plain_ones(priors):
     """The whole path under bf16: FID of bf16 samples against plain ones lies within the spread of two
     plain seeds (digits features, N = 400)."""
@@ -128,7 +130,7 @@ def test_bf16_samples_score_like_plain_ones(priors):
     extractor = load_extractor("digits")
 
     def features(execution, seed):
-        tokens = generate(AbsorbingSampler(den, execution), SamplerSettings("absorbing", 16, 1.0), seed,
+        tokens = generate(AbsorbingSampler(den, execution=execution), SamplerSettings("absorbing", 16, 1.0), seed,
                           range(400), 200, progress=False)
         with torch.no_grad():
             return extractor(to_uint8(vq.decode(torch.as_tensor(tokens).reshape(-1, 8, 8))))
@@ -137,6 +139,7 @@ def test_bf16_samples_score_like_plain_ones(priors):
     assert fid(bf16, plain0) < 1.5 * fid(plain1, plain0)
 
 
+@pytest.mark.slow
 def test_run_records_switches_and_exact_ones_keep_the_numbers(workdir):
     args = ("run", "--samplers", "absorbing,autoregressive", "--steps", "4", "--num-samples", 40, "--quiet")
     assert bench(*args, "--run-name", "plain")[0] == 0
@@ -174,6 +177,7 @@ def test_unknown_switches_are_refused_before_anything_is_written(workdir):
     assert not (workdir / "results").exists()
 
 
+@pytest.mark.slow
 def test_gpu_perf_script_leaves_a_table_whatever_happens(tmp_path):
     """scripts/perf_gpu.py on the CPU at the tiny shape: the first row always runs, rows past the
     time budget are listed as not run, and a switch the device lacks (cuda-graphs) is never reached."""

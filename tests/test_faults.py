@@ -17,8 +17,10 @@ import bench.checkpoints as checkpoints_module
 from bench.checkpoints import WEIGHTS_DIR, atomic_write_text, save_checkpoint
 from bench.data import LmdbImages, digits_split
 from bench.errors import BenchError
-from bench.models import Transformer, TransformerConfig, load_transformer, load_vq
-from bench.samplers import SAMPLERS, SamplerSettings, generate
+from bench.loading import load_transformer, load_vq
+from bench.models import Transformer, TransformerConfig
+from bench.samplers import SamplerSettings, generate
+from bench.samplers.absorbing import AbsorbingSampler
 from conftest import add_folder_dataset, bench
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official_tiny"
@@ -174,9 +176,9 @@ def test_full_disk_during_a_run_exits_2_naming_the_file(workdir, monkeypatch):
 # ----------------------------------------------------------------------------- sampling
 
 def test_n_not_divisible_by_the_batch_size(workdir):
-    from bench.models import load_transformer as lt
+    from bench.loading import load_transformer as lt
     prior, _ = lt("builtin:digits/absorbing", "absorbing")
-    sampler = SAMPLERS["absorbing"]({"absorbing": prior})
+    sampler = AbsorbingSampler(prior)
     settings = SamplerSettings("absorbing", 2, 1.0)
     tokens = generate(sampler, settings, 0, range(37), 10, progress=False)
     assert tokens.shape == (37, 64)
@@ -197,7 +199,7 @@ class NanDenoiser(Transformer):
 
 def test_nan_logits_are_an_error_never_a_sample(workdir, monkeypatch):
     cfg = TransformerConfig(codebook_size=8, block_size=4, n_layers=1, n_head=1, n_emb=8)
-    sampler = SAMPLERS["absorbing"]({"absorbing": NanDenoiser(cfg)})
+    sampler = AbsorbingSampler(NanDenoiser(cfg))
     with pytest.raises(BenchError, match="NaN"):
         generate(sampler, SamplerSettings("absorbing", 2, 1.0), 0, range(3), 2, progress=False)
     # through a run: the shipped prior made to return NaN; one line, exit 2, nothing written

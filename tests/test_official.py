@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import official, paper
+from bench import paper
+from bench.loading import official
 from bench.checkpoints import file_sha256, load_checkpoint
 from bench.config import load_config
 from bench.errors import BenchError
-from bench.models import load_transformer, load_vq
-from bench.results import SCHEMA, check_run_dir
+from bench.loading import load_transformer, load_vq
+from bench.results import SCHEMA, RunStore
 from bench.samplers import SamplerSettings
 from conftest import bench
 
@@ -301,13 +302,8 @@ def test_published_runs_are_generated_from_bench_paper(tmp_path):
 
 def test_bench_never_writes_into_a_published_run(tmp_path):
     paper.write_paper_run(tmp_path, "churches")
-    cfg = load_config()
-    cfg.run["results_dir"] = str(tmp_path)
-
-    class Req:
-        run_name, force, resume = "paper", True, False
     with pytest.raises(BenchError, match="published"):
-        check_run_dir(cfg, cfg.datasets["churches"], Req(), {})
+        RunStore(tmp_path, "churches", "paper", force=True).check({})
 
 
 # ----------------------------------------------------------------------------- end to end

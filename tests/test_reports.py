@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.absorbing import AbsorbingSampler
+from bench.samplers.absorbing import AbsorbingSampler
 from bench.samplers import SamplerSettings
 from conftest import bench
 

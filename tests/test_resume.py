@@ -1,3 +1,4 @@
+import pytest
 """A run killed part-way resumes to the same results as an uninterrupted run."""
 import json
 import os
@@ -14,6 +15,7 @@ ARGS = ["run", "--num-samples", "60", "--steps", "2,64", "--samplers", "random-c
 METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "memorisation", "n_samples")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_results(workdir):
     result = CliRunner().invoke(main, ARGS + ["--run-name", "whole"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -47,6 +49,7 @@ def test_kill_and_resume_gives_the_uninterrupted_results(workdir):
             assert a[k] == b[k], (a["slug"], k)
 
 
+@pytest.mark.slow
 def test_a_row_killed_part_way_keeps_its_finished_batches(workdir, monkeypatch):
     """Batches of 10: the kill lands inside the 64-step row; on resume its finished batches are read
     back from their shards, not sampled again, and the results equal an uninterrupted run's."""
@@ -71,7 +74,7 @@ def test_a_row_killed_part_way_keeps_its_finished_batches(workdir, monkeypatch):
     finished = len(list(shard_dir.glob("*.npz")))
     assert 2 <= finished < 6 and not list(shard_dir.glob("*.tmp"))
 
-    from bench.absorbing import AbsorbingSampler
+    from bench.samplers.absorbing import AbsorbingSampler
     calls = []
     original = AbsorbingSampler.sample
 

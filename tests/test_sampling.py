@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.absorbing import AbsorbingSampler, loss_from_logits, mask_tokens
+from bench.samplers.absorbing import AbsorbingSampler, loss_from_logits, mask_tokens
 from bench.errors import BenchError
 from bench.models import Transformer, TransformerConfig
 from bench.samplers import SampleNoise, SamplerSettings, draw_tokens, filter_logits, generate
@@ -57,6 +57,7 @@ def test_written_tokens_are_never_rewritten():
     assert torch.equal(final, sampler.sample(noise_b, SamplerSettings("absorbing", 6, 1.0)))
 
 
+@pytest.mark.slow
 def test_64_steps_unmask_one_token_per_step_on_average():
     # Each position's unmasking step is uniform on 1..S, so with L = S = 64 the count per step is
     # Binomial(64, 1/64): mean 1, sd ~0.99. Over 256 samples the per-step mean has sd ~0.062.

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.autoregressive import AutoregressiveSampler
+from baselines.autoregressive import AutoregressiveRecomputeSampler, AutoregressiveSampler
 from bench.data import digits_split
 from bench.features import load_extractor
 from bench.metrics import compute_metrics
-from bench.models import Transformer, TransformerConfig, load_transformer, load_vq
+from bench.loading import load_transformer, load_vq
+from bench.models import Transformer, TransformerConfig
 from bench.perf import SHAPES
 from bench.samplers import SampleNoise, SamplerSettings
 
@@ -99,7 +100,7 @@ def test_cached_vs_recompute_ratio(shape, digits_models):
     settings = SamplerSettings("autoregressive", None, 1.0)
     times = {}
     for use_cache in (True, False):
-        sampler = AutoregressiveSampler(prior, use_cache)
+        sampler = (AutoregressiveSampler if use_cache else AutoregressiveRecomputeSampler)(prior)
         times[use_cache] = _median_seconds(lambda: sampler.sample(SampleNoise(0, range(batch)), settings), repeats)
     ratio = times[False] / times[True]
     print(f"\n{shape}: batch {batch}, {torch.get_num_threads()} threads: cached {batch / times[True]:.2f} img/s, "
@@ -111,11 +112,11 @@ def test_switches_vs_plain_ratio(spec, digits_models):
     """img/s of the absorbing sampler at 64 steps (64 tokens) under speed switches over the plain fp32
     path, same weights and batch, measured in one process. Exact switches give the plain tokens
     (checked here too); bf16 agrees in distribution (tests/test_execution.py)."""
-    from bench.absorbing import AbsorbingSampler
+    from bench.samplers.absorbing import AbsorbingSampler
     from bench.execution import Execution
     denoiser = digits_models[1]
     settings = SamplerSettings("absorbing", 64, 1.0)
-    plain, fast = AbsorbingSampler(denoiser), AbsorbingSampler(denoiser, Execution.parse(spec))
+    plain, fast = AbsorbingSampler(denoiser), AbsorbingSampler(denoiser, execution=Execution.parse(spec))
     run = lambda s: s.sample(SampleNoise(0, range(BATCH)), settings)  # noqa: E731
     times = {name: _median_seconds(lambda s=s: run(s), 3) for name, s in (("plain", plain), ("fast", fast))}
     if "bf16" not in fast.options:

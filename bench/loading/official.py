@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import file_sha256, load_state_strict, save_checkpoint
-from .errors import BenchError
-from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
+from ..checkpoints import check_writable, file_sha256, load_state_strict, save_checkpoint
+from ..errors import BenchError
+from ..models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 
 SOURCE = "official-ut"
 KINDS = ("vq", "absorbing", "autoregressive")
@@ -293,7 +293,7 @@ def load_official_transformer(path, kind: str, hparams, trust: bool = False) -> 
 
 
 def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, *, hparams, out_dir,
-                     trust: bool = False) -> dict[str, Path]:
+                     trust: bool = False, force: bool = False) -> dict[str, Path]:
     """Official files -> bench checkpoints <out_dir>/vq, <out_dir>/absorbing, <out_dir>/autoregressive
     (safetensors + JSON). Everything is loaded and checked before anything is written.
     -> {kind: stem written}."""
@@ -302,6 +302,9 @@ def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, 
         if path is not None:
             loaded[kind] = load_official_transformer(path, kind, hparams, trust)
     out = Path(out_dir)
+    for kind in loaded:
+        check_writable(out / f"{kind}.safetensors", force)
+        check_writable(out / f"{kind}.json", force)
     written = {}
     for kind, (model, meta) in loaded.items():
         meta = {**meta, "source": {**meta["source"], "official_file": Path(meta["source"]["official_file"]).name}}

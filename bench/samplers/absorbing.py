@@ -15,10 +15,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import BenchError
-from .execution import Execution, Network
-from .models import Transformer
-from .samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens, register_sampler
+from ..errors import BenchError
+from ..execution import Execution, Network
+from ..models import Transformer
+from .base import Sampler, SamplerSettings
+from .draw import FiniteLogits, draw_tokens
+from .noise import SampleNoise
 
 LOSS_TYPES = ("elbo", "reweighted_elbo", "mlm")
 
@@ -69,12 +71,13 @@ def training_loss(denoiser: Transformer, x0: torch.Tensor, loss_type: str, total
 
 class AbsorbingSampler(Sampler):
     name = "absorbing"
+    prior_kind = "absorbing"
     switches = ("bf16", "skip-idle", "head-where-drawn", "compile", "cuda-graphs")
     method = "paper/official: unmask each masked token w.p. 1/t, draw from the denoiser every step"
 
-    def __init__(self, denoiser: Transformer, execution: Execution | None = None):
-        super().__init__(denoiser.cfg.block_size, denoiser.cfg.codebook_size, execution)
-        self.denoiser = denoiser.eval()
+    def __init__(self, denoiser: Transformer, tokenizer=None, execution: Execution | None = None):
+        super().__init__(denoiser, tokenizer, execution)
+        self.denoiser = self.network
         self.mask_id = denoiser.cfg.mask_id
         self.net = Network(self.denoiser, self.options, dynamic="skip-idle" in self.options)
 
@@ -119,8 +122,6 @@ class AbsorbingSampler(Sampler):
         return settings.steps
 
 
-@register_sampler("absorbing", prior="absorbing")
-def _absorbing(priors: dict, device="cpu", execution: Execution | None = None) -> Sampler:
-    if "absorbing" not in priors:
-        raise BenchError("sampler 'absorbing' needs an absorbing prior; set priors.absorbing for this dataset in bench.toml")
-    return AbsorbingSampler(priors["absorbing"].to(device), execution)
+    def flops_per_image(self, settings: SamplerSettings) -> float:
+        passes = self.passes_per_image if self.passes_per_image is not None else settings.steps
+        return passes * self.denoiser.cfg.forward_flops(self.seq_len, self.seq_len)

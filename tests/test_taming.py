@@ -254,6 +254,29 @@ def test_framework_objects_become_inert_placeholders(tmp_path, monkeypatch):
     assert torch.equal(out["w"], torch.arange(3))
 
 
+def test_nested_class_reference_is_a_placeholder_and_getattr_is_otherwise_refused(tmp_path, monkeypatch):
+    import types
+    fake = types.ModuleType("pytorch_lightning")
+
+    class Outer:
+        class Inner:
+            pass
+    Outer.__module__ = Outer.Inner.__module__ = "pytorch_lightning"
+    Outer.__qualname__, Outer.Inner.__qualname__ = "Outer", "Outer.Inner"
+    fake.Outer = Outer
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", fake)
+    torch.save({"k": Outer.Inner}, tmp_path / "n.pt")  # protocol 2: getattr(Outer, "Inner")
+    monkeypatch.undo()
+    assert load_tensors(tmp_path / "n.pt")["k"].pickle_name == "pytorch_lightning.Outer.Inner"
+
+    class Getattr:
+        def __reduce__(self):
+            return getattr, (OrderedDict, "fromkeys")
+    torch.save({"k": Getattr()}, tmp_path / "g.pt")
+    with pytest.raises(UnsafePickle, match="getattr"):
+        load_tensors(tmp_path / "g.pt")
+
+
 def test_out_of_bounds_tensor_is_refused(tmp_path):
     class Bad:
         def __reduce__(self):

@@ -13,7 +13,8 @@ the pickle asks for is resolved by `find_class` from a fixed table, and nothing 
   the bytes are read only by `materialize`, and only for the part of the file asked for (a
   Lightning checkpoint's optimizer state is never read);
 - plain containers and values: OrderedDict, set, frozenset, complex, torch.Size, torch dtypes,
-  _codecs.encode (protocol-2 pickles write bytes with it);
+  _codecs.encode (protocol-2 pickles write bytes with it), and getattr on a placeholder class
+  (protocol-2 pickles name a nested class that way);
 - any other name becomes a Placeholder class that records the name. Used as a value (Lightning
   keys its `callbacks` dict by the ModelCheckpoint class) it stays an inert object. Called,
   constructed or given state (REDUCE, NEWOBJ, BUILD), it builds an inert record when the name
@@ -204,6 +205,15 @@ def _builtin(kind):
     return build
 
 
+def _getattr(obj, name):
+    """builtins.getattr, which protocol-2 pickles call to name a nested class: on placeholder
+    classes only, giving the placeholder of the nested name."""
+    if isinstance(obj, type) and issubclass(obj, Placeholder) and isinstance(name, str):
+        module, _, outer = obj.pickle_name.rpartition(".")
+        return _placeholder(module, f"{outer}.{name}")
+    raise UnsafePickle(f"its pickle calls builtins.getattr on {type(obj).__name__}")
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -214,9 +224,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.nn.parameter", "Parameter"): _TensorType("torch.nn.parameter.Parameter"),
     ("torch", "Size"): _size,
     ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): _builtin(set), ("builtins", "frozenset"): _builtin(frozenset),
-    ("builtins", "complex"): _builtin(complex),
-    ("__builtin__", "set"): _builtin(set), ("__builtin__", "frozenset"): _builtin(frozenset),
+    # protocol-2 pickles name builtins `__builtin__` (Python 2's name)
+    **{(module, name): value for module in ("builtins", "__builtin__") for name, value in (
+        ("set", _builtin(set)), ("frozenset", _builtin(frozenset)), ("complex", _builtin(complex)),
+        ("getattr", _getattr))},
     ("_codecs", "encode"): _codecs_encode,
     **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
     **{("torch", name): dtype for name, dtype in _DTYPES.items()},

@@ -61,6 +61,13 @@ def is_taming_release(path) -> bool:
     return p.is_dir() and ((p / CHECKPOINT).exists() or any((p / "configs").glob("*-project.yaml")))
 
 
+def release_files(path) -> list[Path]:
+    """The files a release reference reads, for `bench datasets` to say which are present."""
+    p = Path(path)
+    configs = sorted((p / "configs").glob("*-project.yaml")) or [p / "configs" / "<timestamp>-project.yaml"]
+    return [p / CHECKPOINT, *configs]
+
+
 # ----------------------------------------------------------------------------- the yaml
 
 def project_yaml(release: Path) -> Path:

@@ -142,7 +142,9 @@ class TamingSampler(Sampler):
 
 
 class TamingRecomputeSampler(TamingSampler):
-    """The same network, draws and tokens as `taming`, without the cache (Net2NetTransformer.sample)."""
+    """The same network, draws and tokens as `taming`, without the cache: the execution of
+    Net2NetTransformer.sample. (Its filtering is sample_fast.py's, as for `taming`; Taming's own
+    uncached sample() applies top-k only, which matters only where top-p would remove tokens.)"""
     name = "taming-recompute"
     use_cache = False
     method = ("Taming Transformers: raster order from the sos token, whole prefix recomputed per token "

@@ -81,21 +81,28 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
 @main.command()
 @click.option("--dataset", default="digits", show_default=True)
 @click.option("--model", type=click.Choice(["vq", "absorbing", "autoregressive", "extractor"]), required=True)
-@click.option("--out", default=None, help="Checkpoint stem  [default: builtin:<dataset>/<model>, the shipped one]")
+@click.option("--out", default=None, help="Checkpoint stem to write: STEM.safetensors, STEM.json (priors: STEM.resume.pt)")
+@click.option("--replace-shipped", is_flag=True, help="Allow writing the shipped builtin:<dataset>/<model> (the default --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps  [default: the shipped recipe]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps; priors: the most, early stopping may end sooner  [default: the shipped recipe]")
+@click.option("--resume", is_flag=True, help="Continue a prior's training from STEM.resume.pt.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads  [default: torch's]")
 @config_option
 @_user_errors
-def train(dataset, model, out, seed, steps, config_path):
+def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, config_path):
     """Train a digits model; the defaults reproduce the shipped checkpoint."""
+    import torch
     from .config import load_config
     from . import train as training
     cfg = load_config(config_path)
     ds = cfg.dataset(dataset)
     if ds.kind != "digits":
         raise BenchError(f"bench train supports the embedded digits data only; {dataset!r} is {ds.kind!r}")
-    out = out or f"builtin:{dataset}/{model}"
-    record = training.train_model(cfg, ds, model, out, seed, steps)
+    out = training.check_output(out, dataset, model, replace_shipped)
+    if threads:
+        torch.set_num_threads(threads)
+    record = training.train_model(cfg, ds, model, out, seed, steps, resume=resume)
     click.echo(f"wrote {out}: {record}")
 
 

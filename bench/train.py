@@ -184,7 +184,7 @@ def train_vq(train: ArrayImages, heldout: ArrayImages, cfg: VQConfig, tc: VQTrai
 
 @dataclass
 class PriorTrainConfig:
-    steps: int = 8000            # the most steps; the cosine schedule spans them, early stopping may end sooner
+    steps: int = 6000            # the most steps; the cosine schedule spans them, early stopping may end sooner
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200

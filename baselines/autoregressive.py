@@ -95,3 +95,4 @@ class AutoregressiveRecomputeSampler(AutoregressiveSampler):
     (the official Unleashing Transformers baseline's execution)."""
     name = "autoregressive-recompute"
     use_cache = False
+    timed_by_default = False

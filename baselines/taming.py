@@ -83,9 +83,8 @@ class TamingSampler(Sampler):
 
     def __init__(self, network: TamingGPT, tokenizer, execution: Execution | None = None):
         # the protocol decodes this sampler's rows with `tokenizer`: the release's own first stage
-        super().__init__(tokenizer.latent_hw ** 2, tokenizer.codebook_size, execution)
-        self.network = self.gpt = network.eval()
-        self.tokenizer = tokenizer
+        super().__init__(network, tokenizer, execution)
+        self.gpt = self.network
         cfg = network.cfg
         if cfg.vocab_size != tokenizer.codebook_size or cfg.block_size < self.seq_len:
             raise BenchError(f"Taming GPT (vocab {cfg.vocab_size}, block {cfg.block_size}) does not fit tokenizer "
@@ -147,5 +146,6 @@ class TamingRecomputeSampler(TamingSampler):
     uncached sample() applies top-k only, which matters only where top-p would remove tokens.)"""
     name = "taming-recompute"
     use_cache = False
+    timed_by_default = False
     method = ("Taming Transformers: raster order from the sos token, whole prefix recomputed per token "
               "(Net2NetTransformer.sample), top-k then top-p as transformers 4.3.1")

@@ -83,20 +83,27 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
 
 @main.command()
 @click.option("--dataset", default="digits", show_default=True)
-@click.option("--model", type=click.Choice(["vq", "absorbing", "autoregressive", "extractor"]), required=True)
-@click.option("--out", default=None, help="Checkpoint stem  [default: builtin:<dataset>/<model>, the shipped one]")
+@click.option("--model", required=True, help="What to train: vq, the absorbing or autoregressive prior, or extractor")
+@click.option("--out", default=None, help="Checkpoint stem to write: STEM.safetensors, STEM.json (priors: STEM.resume.pt)")
+@click.option("--replace-shipped", is_flag=True, help="Allow writing the shipped builtin:<dataset>/<model> (the default --out).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps  [default: the shipped recipe]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps; priors: the most, early stopping may end sooner  [default: the shipped recipe]")
+@click.option("--resume", is_flag=True, help="Continue a prior's training from STEM.resume.pt.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads  [default: torch's]")
 @config_option
 @_user_errors
-def train(dataset, model, out, seed, steps, config_path):
+def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, config_path):
     """Train a digits model; the defaults reproduce the shipped checkpoint."""
+    import torch
     from .config import load_config
     from . import train as training
     cfg = load_config(config_path)
     ds = cfg.dataset(dataset)
-    out = out or f"builtin:{dataset}/{model}"
-    record = training.train_model(cfg, ds, model, out, seed, steps)
+    out = training.check_output(out, dataset, model, replace_shipped)
+    if threads:
+        torch.set_num_threads(threads)
+    record = training.train_model(cfg, ds, model, out, seed, steps, resume=resume)
     click.echo(f"wrote {out}: {record}")
 
 
@@ -177,16 +184,16 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
             raise BenchError(f"hyperparameter file {hparams_file} must hold a JSON object of official flags")
     written = convert_official(vqgan, absorbing, autoregressive, hparams=hparams, out_dir=out,
                                trust=trust_checkpoint, force=force)
-    inputs = {"vq": vqgan, "absorbing": absorbing, "autoregressive": autoregressive}
-    for kind, stem in written.items():
-        click.echo(f"wrote {stem}.safetensors and .json ({kind}, from {inputs[kind]})")
+    for kind, (stem, source) in written.items():
+        click.echo(f"wrote {stem}.safetensors and .json ({kind}, from {source})")
 
 
 @main.command()
 @click.option("--dataset", default=None, help="Time this dataset's configured models  [default: run.dataset]")
 @click.option("--shape", type=click.Choice(["churches", "tiny"]), default=None,
               help="Time random weights at a named model shape instead of a dataset's models.")
-@click.option("--samplers", callback=_str_list, default="absorbing,autoregressive", show_default=True)
+@click.option("--samplers", callback=_str_list, default=None,
+              help="Comma-separated samplers  [default: every one whose prior is there, without recompute variants]")
 @click.option("--steps", callback=_int_list, default=None, help="Step counts of step-taking samplers  [default: 1,4,16,64 or 50,256]")
 @click.option("--execution", "executions", multiple=True, default=("plain",), show_default=True,
               help="Speed switches (bench/execution.py), e.g. plain, fast, bf16+skip-idle; repeat to time several.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,47 @@ from .paths import env_names, expand_path
 DIGITS_SPLITS = ("train", "heldout")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ON_CORRUPT = ("error", "skip")
+# Pillow modes whose samples are 8 bits (or 1 bit): convert() to L or RGB keeps their values. Alpha is
+# dropped, palettes are expanded; 16-bit (I;16*), 32-bit (I) and float (F) images are refused.
+EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "La", "RGBa"}
+
+
+class HashCache:
+    """sha256 of files' bytes, remembered by (path, size, mtime) in a JSON file, so a large dataset is
+    read once to key its reference features and not again while its files stay unchanged. `reads`
+    counts the files actually read (the tests count it)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.entries: dict = {}
+        self.reads = 0
+        if self.path is not None and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged cache is rebuilt, never trusted
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        known = self.entries.get(key)
+        if isinstance(known, list) and len(known) == 3 and known[:2] == stamp and isinstance(known[2], str):
+            return known[2]
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        self.reads += 1
+        self.entries[key] = stamp + [h.hexdigest()]
+        return h.hexdigest()
+
+    def save(self) -> None:
+        """Write the cache (callers do so once the run is under way, so a refused run leaves nothing)."""
+        if self.path is not None:
+            from .checkpoints import atomic_write_text
+            atomic_write_text(self.path, json.dumps(self.entries))
 
 
 class ArrayImages:
@@ -50,7 +92,7 @@ class ArrayImages:
     def channels(self) -> int:
         return self.images.shape[3]
 
-    def content_id(self) -> str:
+    def content_id(self, hashes: HashCache | None = None) -> str:
         return self._content_id
 
 
@@ -115,6 +157,10 @@ class _Preprocess:
         self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
 
     def __call__(self, image) -> np.ndarray:
+        if image.mode not in EIGHT_BIT_MODES:
+            # 16-bit, 32-bit integer and float images would be clipped to 0..255 by convert(): refuse
+            raise ValueError(f"image mode {image.mode!r} is not 8-bit ({', '.join(sorted(EIGHT_BIT_MODES))}); "
+                             f"convert the file to 8-bit")
         x = np.asarray(self.transform(image.convert(self.mode)), dtype=np.uint8)
         return x[:, :, None] if x.ndim == 2 else x
 
@@ -218,10 +264,12 @@ class FolderImages(_DecodedImages):
         except _DECODE_ERRORS as e:
             raise BenchError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete it, or set on_corrupt = \"skip\"") from e
 
-    def content_id(self) -> str:
+    def content_id(self, hashes: HashCache | None = None) -> str:
+        """A hash of every file's name and bytes (not their sizes alone: same-size replacements count)."""
+        hashes = hashes or HashCache()
         h = hashlib.sha256(f"folder {self.resolution} {self.channels}\n".encode())
         for path in self.files:
-            h.update(f"{path.relative_to(self.root).as_posix()}\t{path.stat().st_size}\n".encode())
+            h.update(f"{path.relative_to(self.root).as_posix()}\t{hashes.sha256(path)}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -307,10 +355,14 @@ class LmdbImages(_DecodedImages):
         except _DECODE_ERRORS as e:
             raise BenchError(f"cannot decode record {_key_name(key)!r} of LMDB {self.path} ({type(e).__name__}: {e}); set on_corrupt = \"skip\" to drop bad records") from e
 
-    def content_id(self) -> str:
-        # every key, in one pass: cheap even for LSUN's 100k+ keys, and catches any added or removed record
-        h = hashlib.sha256(f"lsun {self.resolution} {self.channels} {self.entries} {len(self.keys)}\n".encode())
-        for key in self.keys:
+    def content_id(self, hashes: HashCache | None = None) -> str:
+        """A hash of every key and value. The LMDB's data file is hashed once per (size, mtime) and
+        remembered: values cannot change without changing that file."""
+        hashes = hashes or HashCache()
+        data_file = self.path / "data.mdb" if self.path.is_dir() else self.path
+        h = hashlib.sha256(f"lsun {self.resolution} {self.channels} {len(self.keys)}\n".encode())
+        h.update(hashes.sha256(data_file).encode())
+        for key in self.keys:  # the records used: skipped ones are left out
             h.update(key)
             h.update(b"\n")
         return h.hexdigest()[:16]

@@ -21,6 +21,7 @@ Grey images are replicated to RGB for the three ImageNet networks.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -98,8 +99,10 @@ def classifier_accuracy(model: DigitsNet, images: np.ndarray, labels: np.ndarray
 
 def train_digits_extractor(out_stem: str = DIGITS_STEM, seed: int = 0, epochs: int = 30, batch_size: int = 64,
                            lr: float = 2e-3, weight_decay: float = 1e-4, max_shift: int = 1,
-                           width: int = 32, feature_dim: int = 128, dropout: float = 0.3) -> dict:
-    """Train DigitsNet on the digits train split, score it on the held-out split, save it. -> meta."""
+                           width: int = 32, feature_dim: int = 128, dropout: float = 0.3,
+                           steps: int | None = None) -> dict:
+    """Train DigitsNet on the digits train split, score it on the held-out split, save it. -> meta.
+    steps: optimizer steps in all, overriding epochs (the one-cycle schedule spans them)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train = digits_split("train", resolution=DIGITS_RESOLUTION)
@@ -110,14 +113,19 @@ def train_digits_extractor(out_stem: str = DIGITS_STEM, seed: int = 0, epochs: i
     model = DigitsNet(**hparams)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    steps = steps or epochs * steps_per_epoch
+    epochs = math.ceil(steps / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
 
     t0 = time.time()
+    done = 0
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
-        total_loss = 0.0
+        total_loss, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
+            if done == steps:
+                break
             idx = order[start:start + batch_size]
             xb = random_shift(x_train[idx], max_shift, generator)
             loss = F.cross_entropy(model(xb), y_train[idx])
@@ -126,7 +134,8 @@ def train_digits_extractor(out_stem: str = DIGITS_STEM, seed: int = 0, epochs: i
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
-        print(f"epoch {epoch + 1}/{epochs}: train loss {total_loss / len(x_train):.4f}")
+            done, seen = done + 1, seen + len(idx)
+        print(f"epoch {epoch + 1}/{epochs}: train loss {total_loss / seen:.4f}")
     train_seconds = time.time() - t0
 
     heldout = digits_split("heldout", resolution=DIGITS_RESOLUTION)
@@ -136,7 +145,7 @@ def train_digits_extractor(out_stem: str = DIGITS_STEM, seed: int = 0, epochs: i
         "kind": "extractor",
         "hparams": hparams,
         "heldout_accuracy": acc,
-        "train": dict(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        "train": dict(seed=seed, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       max_shift=max_shift, optimizer="AdamW", schedule="one-cycle",
                       dataset=train.content_id(), seconds=round(train_seconds, 1)),
     }

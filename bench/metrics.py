@@ -46,6 +46,12 @@ def check_pair(fake, real, min_samples: int, metric: str) -> tuple[np.ndarray, n
     return fake, real
 
 
+def min_samples(settings: dict) -> int:
+    """The fewest samples in each set that every metric of a row can be computed from."""
+    s = {**DEFAULT_SETTINGS, **settings}
+    return max(2, s["pr_k"] + 1, s["dc_k"] + 1)
+
+
 # -----------------------------------------------------------------------------
 # FID
 

@@ -16,7 +16,7 @@ import torch
 
 from .errors import BenchError
 from .execution import Execution
-from .loading import Prior, Tokenizer, VQTokenizer
+from .loading import PRIOR_KINDS, Prior, Tokenizer, VQTokenizer
 from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 from .results import Row
 from .samplers import SampleNoise, SamplerSettings
@@ -70,8 +70,8 @@ def random_models(shape: str, device) -> PerfModels:
         raise BenchError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     tcfg, vcfg = SHAPES[shape]
     torch.manual_seed(0)
-    nets = {"absorbing": Transformer(TransformerConfig(**tcfg)),
-            "autoregressive": Transformer(TransformerConfig(**tcfg, causal=True))}
+    nets = {name: Transformer(TransformerConfig(**tcfg, causal=kind.causal)) for name, kind in PRIOR_KINDS.items()
+            if not kind.brings_tokenizer}  # the harness's own priors
     source = f"{shape} shape, random weights (seed 0)"
     priors = {k: Prior(k, m.eval(), source, "random", m.cfg.codebook_size, m.cfg.block_size).to(device)
               for k, m in nets.items()}
@@ -124,7 +124,11 @@ def time_row(models: PerfModels, row: PerfRow, warmup: int, repeats: int, device
 
 def plan_rows(models: PerfModels, samplers: list[str], steps: list[int], executions: list[Execution],
               batches: list[int]) -> list[PerfRow]:
-    """Every sampler (at every step count where it takes steps) x execution x batch size."""
+    """Every sampler (at every step count where it takes steps) x execution x batch size. samplers None:
+    every sampler whose prior the models have, except controls and recompute variants."""
+    from .samplers.registry import SAMPLERS
+    if samplers is None:
+        samplers = [n for n, c in SAMPLERS.items() if c.timed_by_default and c.prior_kind in models.priors]
     rows = []
     for name in samplers:
         cls = sampler_class(name)

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, report
 from .checkpoints import atomic_write_bytes
 from .config import Config, DatasetConfig, RunSettings
-from .data import iterate_batches
+from .data import HashCache, iterate_batches
 from .errors import BenchError
 from .execution import Execution
 from .features import Extractor, extract_features, load_extractor
 from .loading import PRIOR_KINDS, Prior, Tokenizer, load_prior, load_tokenizer
-from .metrics import cleanfid_cross_check, compute_metrics
+from .metrics import cleanfid_cross_check, compute_metrics, min_samples
 from .results import Row, RunStore, ShardStore, git_commit, versions
 from .samplers import SampleNoise, Sampler, SamplerSettings
 from .samplers.registry import SAMPLERS, make_sampler, sampler_class
@@ -37,6 +37,7 @@ from .timing import device_name, time_phases
 
 HELDOUT_ROWS = ("data", "reconstruction")   # held-out real images, and through the dataset's tokenizer
 GRID_SIZE = 64
+MAX_SAMPLES = 10_000_000   # features of one row are held in memory: 10M x 2048 float64 is 160 GB already
 
 
 def check_device(device: torch.device) -> None:
@@ -76,6 +77,8 @@ class Pipeline:
     heldout: object | None
     hashes: dict
     dist: distributed.Dist = distributed.SINGLE   # torchrun: this process's rank (bench.distributed)
+    content: dict = field(default_factory=dict)   # split -> content id (file bytes hashed, bench.data)
+    hash_cache: HashCache | None = None
     samplers: dict = field(default_factory=dict)
 
     @property
@@ -116,11 +119,33 @@ def load_pipeline(settings: RunSettings, plan: list["PlannedRow"], dist=distribu
     extractor = load_extractor(ds.extractor, str(device), weights_path=cfg.extractor_weights(ds.extractor))
     hashes = {"tokenizer": tokenizer.sha256, **{k: p.sha256 for k, p in priors.items()},
               "extractor": extractor.weights_sha256}
-    pipe = Pipeline(settings, device, tokenizer, priors, extractor, train, heldout, hashes, dist)
+    hash_cache = HashCache(settings.cache_dir / "content-hashes.json")
+    content = {split: images.content_id(hash_cache) for split, images in (("train", train), ("heldout", heldout))
+               if images is not None}
+    pipe = Pipeline(settings, device, tokenizer, priors, extractor, train, heldout, hashes, dist, content, hash_cache)
     for p in plan:  # every sampled row's settings fit its sampler (steps within the token count, ...)
         if p.settings is not None:
             pipe.sampler(p.settings.sampler).check(p.settings)
+    check_sample_counts(pipe, plan)
     return pipe
+
+
+def check_sample_counts(pipe: Pipeline, plan: list[PlannedRow]) -> None:
+    """Enough samples in every row, and in the reference, for every metric: said before anything runs."""
+    s, ds = pipe.settings, pipe.ds
+    need = min_samples(s.metrics.as_dict())
+    if s.num_samples < need:
+        raise BenchError(f"--num-samples {s.num_samples} is too few: the metrics need at least {need} samples per row "
+                         f"(precision/recall with k = {s.metrics.pr_k}, density/coverage with k = {s.metrics.dc_k})")
+    if s.num_samples > MAX_SAMPLES:
+        raise BenchError(f"--num-samples {s.num_samples} is more than one run handles ({MAX_SAMPLES:,}); "
+                         f"the paper's protocol uses 50,000")
+    if len(pipe.train) < need:
+        raise BenchError(f"dataset {ds.name}: the reference split holds {len(pipe.train)} images; the metrics "
+                         f"need at least {need}")
+    if pipe.heldout is not None and any(p.settings is None for p in plan) and len(pipe.heldout) < need:
+        raise BenchError(f"dataset {ds.name}: the held-out split holds {len(pipe.heldout)} images; the data and "
+                         f"reconstruction rows need at least {need}")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -150,7 +175,8 @@ def plan_rows(ds: DatasetConfig, samplers=None, steps=None) -> list[PlannedRow]:
             for s in entry_steps:
                 sweep.append(cls.settings(s, t, entry.top_k, entry.top_p))
     priors_used = {sampler_class(s.sampler).prior_kind for s in sweep}
-    own_reconstructions = [kind for kind in sorted(priors_used - {None}) if PRIOR_KINDS.get(kind, False)]
+    own_reconstructions = [kind for kind in sorted(priors_used - {None})
+                           if kind in PRIOR_KINDS and PRIOR_KINDS[kind].brings_tokenizer]
     # every run has the control rows: held-out images as they are and through each tokenizer, and
     # the control samplers (random codes)
     controls = [PlannedRow(name, None) for name in HELDOUT_ROWS]
@@ -178,7 +204,7 @@ def plan_rows(ds: DatasetConfig, samplers=None, steps=None) -> list[PlannedRow]:
 
 def reference_key(pipe: Pipeline) -> str:
     ds = pipe.ds
-    parts = {"dataset": ds.name, "content": pipe.train.content_id(), "split": "train",
+    parts = {"dataset": ds.name, "content": pipe.content["train"], "split": "train",
              "resolution": ds.resolution, "channels": ds.channels, "preprocessing": ds.source.preprocessing,
              "extractor": pipe.extractor.name, "extractor_sha256": pipe.extractor.weights_sha256,
              "count": len(pipe.train)}
@@ -268,6 +294,8 @@ def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bo
               label=planned.slug)
     timing = {}
     if planned.settings is None:
+        through = pipe.heldout_tokenizer(planned.slug)
+        row.tokenizer = through.name if through is not None else None
         feats = extract_features(pipe.extractor, _heldout_batches(pipe, planned.slug, grid),
                                  total=len(pipe.heldout), desc=planned.slug, progress=progress)
     else:
@@ -278,7 +306,8 @@ def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bo
                            dtype=np.int64)
         row = Row(**{**row.__dict__, **settings.as_dict(), "label": settings.label(), "seed": s.seed,
                      "nfe": sampler.nfe(settings), "execution": sampler.execution(),
-                     "switches": sampler.options.spec(), "dtype": sampler.options.dtype})
+                     "switches": sampler.options.spec(), "dtype": sampler.options.dtype,
+                     "tokenizer": sampler.tokenizer.name})
         feats = _sampled_features(pipe, sampler, settings, grid, starts, shards, row.label, progress)
         feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
         if feats is None:
@@ -304,8 +333,8 @@ def build_manifest(pipe: Pipeline, plan: list[PlannedRow]) -> dict:
         "profile": cfg.profile,
         "config": cfg.raw,
         "dataset": ds.name,
-        "dataset_content": pipe.train.content_id(),
-        "heldout_content": pipe.heldout.content_id() if pipe.heldout is not None else None,
+        "dataset_content": pipe.content["train"],
+        "heldout_content": pipe.content.get("heldout"),
         # images or records dropped as undecodable (on_corrupt = "skip"), per split
         "skipped": {split: len(getattr(data, "skipped", [])) for split, data in
                     (("train", pipe.train), ("heldout", pipe.heldout)) if data is not None},
@@ -360,6 +389,8 @@ def _on_rank(settings: RunSettings, dist) -> RunSettings:
 
 def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: RunStore, done: dict,
               main: bool, progress: bool) -> None:
+    if main and pipe.hash_cache is not None:
+        pipe.hash_cache.save()
     ref, ref_key = reference_features(pipe, progress) if main else (None, None)
     if main:
         manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
@@ -382,10 +413,10 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
         if not main:
             continue
         before_first_write()
-        store.write_row(row, grid)
+        store.write_row(row, report.image_grid_png(grid))
         rows.append(row)
     if main:
-        store.finish(manifest, rows)
+        store.finish(manifest, rows, report.write_all)
 
 
 # ----------------------------------------------------------------------------- bench sample, bench datasets
@@ -426,12 +457,13 @@ def describe_dataset(cfg: Config, ds: DatasetConfig) -> list[str]:
     lines = [f"{ds.name} ({ds.kind}, {ds.resolution}px, extractor {ds.extractor}, tokenizer {ds.tokenizer})"]
     lines += [f"  {split}: {text}" for split, text in ds.source.describe().items()]
     for key, written in [("tokenizer", ds.tokenizer)] + [(f"priors.{k}", v) for k, v in ds.priors.items()]:
+        kind = key.removeprefix("priors.") if key.startswith("priors.") else None
         try:
             ref = cfg.checkpoint_ref(ds, written, key)
         except BenchError as e:
             lines.append(f"  {key}: not available: {e}")
             continue
-        files = reference_files(ref)
+        files = reference_files(ref, kind)
         missing = [f for f in files if not f.exists()]
         what = "official checkpoint" if ref.endswith(".th") else "checkpoint"
         if missing:

@@ -69,6 +69,7 @@ class Row:
     dtype: str | None = None
     seed: int | None = None
     switches: str | None = None             # execution switches in effect (bench.execution)
+    tokenizer: str | None = None            # the first stage that decoded the row (none for `data`)
     # JSON only: what identifies and explains the row
     slug: str | None = field(default=None, metadata=JSON_ONLY)
     label: str | None = field(default=None, metadata=JSON_ONLY)
@@ -425,18 +426,18 @@ class RunStore:
     def shards(self, slug: str, batch_size: int, before_first_write) -> ShardStore:
         return ShardStore(self.dir / "rows" / f"{slug}.shards", batch_size, before_first_write)
 
-    def write_row(self, row: Row, grid: np.ndarray | None) -> None:
-        if grid is not None:
-            from .report import image_grid_png
-            atomic_write_bytes(self.dir / "samples" / f"{row.slug}.png", image_grid_png(grid))
+    def write_row(self, row: Row, grid_png: bytes | None) -> None:
+        """The finished row and its sample grid (PNG bytes); its shards go."""
+        if grid_png is not None:
+            atomic_write_bytes(self.dir / "samples" / f"{row.slug}.png", grid_png)
         atomic_write_text(self.dir / "rows" / f"{row.slug}.json", to_json(row))
         shutil.rmtree(self.dir / "rows" / f"{row.slug}.shards", ignore_errors=True)
 
-    def finish(self, manifest: dict, rows: list[Row]) -> None:
-        from . import report
+    def finish(self, manifest: dict, rows: list[Row], write_reports) -> None:
+        """results.csv, then write_reports(run_dir, manifest, rows) (tables and figures), then results.json."""
         manifest = {**manifest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_text(self.dir / "results.csv", to_csv(rows))
-        report.write_all(self.dir, manifest, rows)
+        write_reports(self.dir, manifest, rows)
         # last: its presence marks the run finished
         atomic_write_text(self.dir / "results.json", to_json({"manifest": manifest, "rows": rows}))
 

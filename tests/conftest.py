@@ -46,6 +46,9 @@ def workdir(tmp_path, monkeypatch):
     text = DEFAULT_CONFIG.read_text()
     text = text.replace('results_dir = "results"', f'results_dir = "{tmp_path / "results"}"')
     text = text.replace('cache_dir = "~/.cache/bench"', f'cache_dir = "{tmp_path / "cache"}"')
+    # timing is measured on its own (tests of bench perf and bench.timing): keep it short in runs
+    text = text.replace("warmup = 1  ", "warmup = 0  ").replace("repeats = 3  ", "repeats = 1  ")
+    text = text.replace("batch_size = 64\n", "batch_size = 16\n", 1)
     (tmp_path / "bench.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -54,3 +57,11 @@ def workdir(tmp_path, monkeypatch):
 def add_folder_dataset(workdir: Path, train: Path, heldout: Path) -> None:
     with open(workdir / "bench.toml", "a") as f:
         f.write(DIGITS_FOLDER_DATASET.format(train=train, heldout=heldout))
+
+
+def pytest_collection_modifyitems(items):
+    """Benchmarks belong to the slow tier: `python -m pytest -m slow` (or tests/benchmarks with
+    --benchmark-enable) runs them."""
+    for item in items:
+        if "benchmarks" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

@@ -39,8 +39,15 @@ def test_specs_parse_and_name_what_is_wrong():
     assert AbsorbingSampler(den).execution().endswith("execution plain (float32)")
 
 
-@pytest.mark.parametrize("spec", ["skip-idle", "head-where-drawn", "skip-idle+head-where-drawn"])
-@pytest.mark.parametrize("steps,temperature,top_k", [(1, 1.0, None), (8, 0.7, 5), (64, 1.0, None), (64, 0.0, None)])
+def _exactness_cases():
+    """Every switch at 1 and 8 steps; at 64 steps (the slow ones) both switches together in the fast tier."""
+    for spec in ("skip-idle", "head-where-drawn", "skip-idle+head-where-drawn"):
+        for steps, temperature, top_k in ((1, 1.0, None), (8, 0.7, 5), (64, 1.0, None), (64, 0.0, None)):
+            fast_tier = steps < 64 or (spec == "skip-idle+head-where-drawn" and temperature == 1.0)
+            yield pytest.param(spec, steps, temperature, top_k, marks=() if fast_tier else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("spec,steps,temperature,top_k", list(_exactness_cases()))
 def test_dropping_discarded_work_gives_the_plain_tokens(priors, spec, steps, temperature, top_k):
     den, _ = priors
     settings = SamplerSettings("absorbing", steps, temperature, top_k)

@@ -94,9 +94,10 @@ def _fake_run(path, device, rows):
 
 def test_throughput_is_judged_only_on_the_same_device(tmp_path):
     from bench.compare import check_run
+    from bench.config import Thresholds
     row = lambda ips, t: {"slug": "absorbing-s16-t1", "fid": 10.0, "img_per_s": ips, "sample_s_per_batch": t}  # noqa: E731
     base = _fake_run(tmp_path / "base", "cpu A", [row(100.0, 0.5)])
-    thresholds = {"fid_regression": 0.25, "throughput_regression": 0.5}
+    thresholds = Thresholds(fid_regression=0.25, throughput_regression=0.5)
     slow = _fake_run(tmp_path / "slow", "cpu A", [row(40.0, 1.2)])
     assert not check_run(slow, thresholds, base)["passed"]
     ok = _fake_run(tmp_path / "ok", "cpu A", [row(60.0, 0.8)])

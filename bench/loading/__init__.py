@@ -6,6 +6,9 @@ A reference is written in bench.toml (or given on the command line) as one of:
     path/to/stem                a harness checkpoint: stem.safetensors (tensors) + stem.json (hparams)
     path/to/vqgan_ema_<N>.th    an official Unleashing Transformers file (bench.loading.official),
                                 whose architecture comes from `official_hparams`
+    path/to/<release folder>    a Taming Transformers release (bench.loading.taming): checkpoints/last.ckpt
+                                and configs/*-project.yaml, the prior of kind `taming`, which brings its
+                                own first stage as its tokenizer
 
 A `Tokenizer` turns 8-bit images into codes and back; a `Prior` is a token network of one kind
 (the key of a dataset's `priors` table), and may bring its own tokenizer (a prior trained on
@@ -24,8 +27,15 @@ from ..data import to_float, to_uint8
 from ..errors import BenchError
 from ..models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 
-# a dataset's `priors` table: kind -> whether a prior of that kind brings its own tokenizer
-PRIOR_KINDS = {"absorbing": False, "autoregressive": False}
+@dataclass(frozen=True)
+class PriorKind:
+    brings_tokenizer: bool = False   # a release with its own first stage (Taming)
+    causal: bool = False             # harness transformers: causal (autoregressive) or bidirectional
+
+
+# the keys of a dataset's `priors` table
+PRIOR_KINDS = {"absorbing": PriorKind(), "autoregressive": PriorKind(causal=True),
+               "taming": PriorKind(brings_tokenizer=True, causal=True)}
 
 
 class Tokenizer:
@@ -170,13 +180,21 @@ def load_prior(ref: str, kind: str, official_hparams=None, trust: bool = False) 
     """The prior of `kind` (a key of a dataset's `priors` table) at reference `ref`."""
     if kind not in PRIOR_KINDS:
         raise BenchError(f"prior kind {kind!r} is not known; expected one of {', '.join(PRIOR_KINDS)}")
+    if kind == "taming":
+        from .taming import load_taming
+        tokenizer, gpt, meta = load_taming(ref)
+        return Prior(kind, gpt, str(ref), meta["source"]["sha256"], tokenizer.codebook_size,
+                     tokenizer.latent_hw ** 2, tokenizer=tokenizer, meta=meta)
     model, meta = load_transformer(ref, kind, official_hparams, trust)
     return Prior(kind, model, str(ref), checkpoint_sha256(ref), model.cfg.codebook_size, model.cfg.block_size,
                  meta=meta)
 
 
-def reference_files(ref: str) -> list[Path]:
+def reference_files(ref: str, kind: str | None = None) -> list[Path]:
     """The files a reference reads, for `bench datasets` to say which are present."""
+    if kind == "taming":
+        from .taming import release_files
+        return release_files(ref)
     if is_official(ref):
         return [Path(ref)]
     return [resolve(ref).with_suffix(s) for s in (".safetensors", ".json")]

@@ -296,7 +296,7 @@ def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, 
                      trust: bool = False, force: bool = False) -> dict[str, Path]:
     """Official files -> bench checkpoints <out_dir>/vq, <out_dir>/absorbing, <out_dir>/autoregressive
     (safetensors + JSON). Everything is loaded and checked before anything is written.
-    -> {kind: stem written}."""
+    -> {kind: (stem written, official file name)}."""
     loaded = {"vq": load_official_vq(vqgan_path, hparams, trust)}
     for kind, path in (("absorbing", absorbing_path), ("autoregressive", autoregressive_path)):
         if path is not None:
@@ -308,5 +308,5 @@ def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, 
     written = {}
     for kind, (model, meta) in loaded.items():
         meta = {**meta, "source": {**meta["source"], "official_file": Path(meta["source"]["official_file"]).name}}
-        written[kind] = save_checkpoint(out / kind, model.state_dict(), meta)
+        written[kind] = save_checkpoint(out / kind, model.state_dict(), meta), meta["source"]["official_file"]
     return written

@@ -34,6 +34,7 @@ from baselines.taming_models import TamingFirstStage, TamingFirstStageConfig, Ta
 
 from ..checkpoints import file_sha256, load_checkpoint, load_state_strict, save_checkpoint
 from ..errors import BenchError
+from . import Tokenizer
 from .pickles import TensorRef, open_torch_file
 
 SOURCE = "taming-release"
@@ -313,9 +314,8 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     return (255 * ((a + 1.0) / 2.0)).clip(0, 255).astype(np.uint8)
 
 
-class TamingTokenizer:
-    """A release's own first stage as a tokenizer: 8-bit images <-> codes in raster order.
-    (bench.loading.Tokenizer's interface: name, sha256, codebook_size, latent_hw, img_size, channels.)"""
+class TamingTokenizer(Tokenizer):
+    """A release's own first stage as a tokenizer: 8-bit images <-> codes in raster order."""
 
     def __init__(self, model: TamingFirstStage, name: str, sha256: str, meta: dict | None = None):
         self.model, self.name, self.sha256, self.meta = model.eval(), name, sha256, meta or {}
@@ -329,12 +329,6 @@ class TamingTokenizer:
     def to(self, device) -> "TamingTokenizer":
         self.model.to(device)
         return self
-
-    def check_images(self, resolution: int, channels: int, dataset: str) -> None:
-        """Refuse a dataset whose images this tokenizer does not make: never resize silently."""
-        if self.img_size != resolution or self.channels != channels:
-            raise BenchError(f"tokenizer {self.name} is for {self.img_size}px x {self.channels} channels, "
-                             f"dataset {dataset} is {resolution}px x {channels}")
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> torch.Tensor:
@@ -358,9 +352,6 @@ class TamingTokenizer:
 
     def decode(self, tokens) -> np.ndarray:
         return to_uint8_images(self.decode_float(tokens))
-
-    def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return self.decode(self.encode(images))
 
 
 def _models(first_state: dict, gpt_state: dict, hparams: dict, source: str) -> tuple[TamingFirstStage, TamingGPT]:

@@ -9,6 +9,7 @@ so the protocol never branches on a sampler's name:
     takes_steps   whether rows of it have a step count
     takes_temperature  False where temperature, top-k and top-p mean nothing (random-codes)
     control       a control row rather than a sampler under test (random-codes)
+    timed_by_default   whether `bench perf` times it when no samplers are named
     switches      the execution switches it can use (bench.execution)
     method        one line on how it samples, recorded in every row
     nfe(), flops_per_image()   its network evaluations and analytic FLOPs per image
@@ -99,6 +100,7 @@ class Sampler:
     takes_steps = True
     takes_temperature = True
     control = False
+    timed_by_default = True   # `bench perf` with no --samplers; False for recompute variants
     switches: tuple[str, ...] = ()
     method = ""
 

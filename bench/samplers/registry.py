@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from baselines.autoregressive import AutoregressiveRecomputeSampler, AutoregressiveSampler
 from baselines.maskgit import MaskGITSampler
+from baselines.taming import TamingRecomputeSampler, TamingSampler
 
 from ..errors import BenchError
 from ..execution import Execution
@@ -20,6 +21,8 @@ SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (
     AutoregressiveSampler,            # raster order, key/value cache
     AutoregressiveRecomputeSampler,   # the official baseline's execution
     MaskGITSampler,                   # confidence-ordered decoding with the absorbing denoiser
+    TamingSampler,                    # a Taming Transformers release, with its own first stage
+    TamingRecomputeSampler,           # the same without the cache
 )}
 
 

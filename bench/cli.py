@@ -36,6 +36,18 @@ def _int_list(ctx, param, value):
     return out
 
 
+def _seed_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or any(v < 0 for v in out) or len(set(out)) != len(out):
+        raise click.BadParameter(f"expected distinct integers >= 0, got {value!r}")
+    return out
+
+
 def _str_list(ctx, param, value):
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -62,19 +74,21 @@ def main():
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: run.device]")
 @click.option("--execution", default=None,
               help="Speed switches, e.g. fast or bf16+skip-idle (bench/execution.py)  [default: run.execution, plain]")
+@click.option("--seeds", callback=_seed_list, default=None,
+              help="Repeat every sampled row with these seeds (e.g. 0,1,2): mean, SD and a t interval  [default: run.seed]")
 @click.option("--run-name", default=None, help="Folder name of the run  [default: a timestamp]")
 @click.option("--resume", is_flag=True, help="Continue an unfinished run, keeping its finished rows.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
-def run(dataset, config_path, profile, samplers, steps, num_samples, device, execution, run_name, resume, force,
-        quiet):
+def run(dataset, config_path, profile, samplers, steps, num_samples, device, execution, seeds, run_name, resume,
+        force, quiet):
     """Run the whole protocol and write results/<dataset>/<run-name>/."""
     from .config import load_config, run_settings
     from .distributed import from_env
     from .protocol import run as run_protocol
     settings = run_settings(load_config(config_path, profile), dataset, samplers, steps, num_samples, device,
-                            execution, run_name, resume, force, not quiet)
+                            execution, run_name, resume, force, not quiet, seeds)
     run_dir = run_protocol(settings)
     if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
         click.echo((run_dir / "results.md").read_text())

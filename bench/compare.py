@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BenchError
+from .stats import METRICS as STAT_METRICS, difference_test
 from .results import PROTOCOL_KEYS, Row, is_published, load_run, protocol_differences
 
 METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "img_per_s")
@@ -34,6 +35,17 @@ def find_run(results_dir: Path, dataset: str | None, name: str | None) -> Path:
     if not runs:
         raise BenchError(f"no finished run under {results_dir / dataset}; run `bench run --dataset {dataset}` first")
     return max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
+
+
+def significance(ref: Row, row: Row, metric: str) -> dict | None:
+    """bench.stats.difference_test of one metric where both rows carry intervals (or repeats), else None:
+    a two-sided Welch test on the difference from each row's standard error."""
+    if metric not in STAT_METRICS or getattr(ref, metric) is None or getattr(row, metric) is None:
+        return None
+    try:
+        return difference_test(ref, row, metric)
+    except BenchError:
+        return None  # a row scored without intervals: the delta cannot be judged against noise
 
 
 def _delta(a, b):
@@ -70,14 +82,16 @@ def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch:
             if a is None and b is None:
                 continue
             d, rel = _delta(a, b)
+            test = significance(ref, row, m)
             flag = False
             if m == "fid" and rel is not None and thresholds.fid_regression is not None:
-                flag = rel > thresholds.fid_regression
+                # a regression is a rise beyond the threshold that is not noise (where both rows can say)
+                flag = rel > thresholds.fid_regression and (test is None or test["significant"])
             untimeable = m == "img_per_s" and _too_short_to_time(ref, row)
             if m == "img_per_s" and rel is not None and thresholds.throughput_regression is not None:
                 flag = same_device and not untimeable and -rel > thresholds.throughput_regression
             entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag,
-                                   "untimeable": untimeable}
+                                   "untimeable": untimeable, "test": test}
         out.append(entry)
     return {"ref": str(ref_dir), "run": str(run_dir), "protocol_differences": diff,
             "same_device": same_device, "rows": out}
@@ -94,16 +108,25 @@ def format_comparison(cmp: dict) -> str:
         if sw and sw["ref"] != sw["run"]:
             lines.append(f"execution differs for {entry['label']}: REF {sw['ref']}, RUN {sw['run']}")
     lines.append("")
-    lines.append("| row | metric | REF | RUN | delta | rel |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| row | metric | REF | RUN | delta | rel | 95% interval of delta | p | noise? |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
     for entry in cmp["rows"]:
         for m, v in entry["metrics"].items():
             mark = " **!**" if v["beyond_threshold"] else ""
             rel = "" if v["rel"] is None else f"{100 * v['rel']:+.1f}%"
-            lines.append(f"| {entry['label']} | {m} | {fmt(v['ref'])} | {fmt(v['run'])} | {fmt(v['delta'])} | {rel}{mark} |")
+            t = v.get("test")
+            interval = "" if t is None else f"[{fmt(t['ci_low'])}, {fmt(t['ci_high'])}]"
+            p = "" if t is None else f"{t['p_value']:.3g}"
+            verdict = "no interval" if t is None else "significant" if t["significant"] else "within noise"
+            lines.append(f"| {entry['label']} | {m} | {fmt(v['ref'])} | {fmt(v['run'])} | {fmt(v['delta'])} | {rel}{mark} "
+                         f"| {interval} | {p} | {verdict} |")
     if not cmp["rows"]:
         lines.append("(no rows in common)")
+    lines.append("")
+    lines.append("noise?: a two-sided Welch test of the difference from each row's standard error (bootstrap, or "
+                 "repeated seeds), bench.stats.difference_test; significant where p < 0.05. **!**: beyond a "
+                 "threshold of bench.toml (an FID rise counts only where it is also significant).")
     return "\n".join(lines) + "\n"
 
 
@@ -145,11 +168,15 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
                                       f"{MIN_TIMED_SECONDS} s, too short to time reliably")
                         continue
                     status = "FAILED" if v["beyond_threshold"] else "ok"
+                    t = v.get("test")
+                    noise = "" if m != "fid" else (", no interval to test" if t is None else
+                                                    f", p = {t['p_value']:.3g}: " +
+                                                    ("significant" if t["significant"] else "within noise"))
                     checks.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "
-                                  f"({100 * v['rel']:+.1f}%): {status}")
+                                  f"({100 * v['rel']:+.1f}%{noise}): {status}")
                     if v["beyond_threshold"]:
                         failures.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "
-                                        f"({100 * v['rel']:+.1f}%) beyond the threshold")
+                                        f"({100 * v['rel']:+.1f}%{noise}) beyond the threshold")
             if not cmp["same_device"]:
                 checks.append("throughput not compared: the baseline ran on another device")
     return {"run": str(run_dir), "baseline": str(baseline_dir) if baseline_dir else None,

@@ -158,9 +158,14 @@ class MetricsSection:
     kid_subsets: int = 100
     inception_weights: str | None = None   # an explicit Inception weights file (bench.inception)
     cleanfid_check: bool = False           # add clean-fid's FID of the same statistics to every row
+    bootstrap_resamples: int = 500         # 95% intervals of every metric (bench.stats); 0: none
 
     def check(self, where: str, prefix: str) -> None:
         _positive(self, where, prefix, ("pr_k", "dc_k", "kid_subset_size", "kid_subsets"))
+        _positive(self, where, prefix, ("bootstrap_resamples",), 0)
+        if 0 < self.bootstrap_resamples < 40:
+            raise BenchError(f"{where}: {prefix}.bootstrap_resamples = {self.bootstrap_resamples} is too few for a "
+                             f"95% interval; use at least 40 (500 recommended) or 0 for none")
 
     def overridden(self, overrides: dict) -> "MetricsSection":
         return MetricsSection(**{**self.__dict__, **overrides})
@@ -430,6 +435,7 @@ class RunSettings:
     steps: tuple[int, ...] | None        # --steps: overrides the sweep's step counts
     num_samples: int
     seed: int
+    seeds: tuple[int, ...]               # --seeds: sampled rows repeated per seed; seeds[0] == seed
     device: str
     batch_size: int
     execution: Execution
@@ -446,17 +452,20 @@ class RunSettings:
 def run_settings(cfg: Config, dataset: str | None = None, samplers=None, steps=None, num_samples: int | None = None,
                  device: str | None = None, execution: str | None = None, run_name: str | None = None,
                  resume: bool = False, force: bool = False, progress: bool = True,
-                 seed: int | None = None) -> RunSettings:
+                 seeds=None) -> RunSettings:
     ds = cfg.dataset(dataset)
     n = ds.num_samples if num_samples is None else num_samples
     if n < 1:
         raise BenchError(f"--num-samples must be positive, got {n}")
     if run_name is not None:
         check_plain_name(run_name, "--run-name")
+    seeds = tuple(seeds) if seeds else (cfg.run.seed,)
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise BenchError(f"--seeds {','.join(map(str, seeds))}: expected distinct integers >= 0")
     return RunSettings(
         config=cfg, dataset=ds, samplers=tuple(samplers) if samplers is not None else None,
         steps=tuple(steps) if steps is not None else None, num_samples=n,
-        seed=cfg.run.seed if seed is None else seed, device=device or cfg.run.device,
+        seed=seeds[0], seeds=seeds, device=device or cfg.run.device,
         batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.run.execution),
         metrics=cfg.metrics.overridden(ds.overrides.as_dict()), timing=cfg.timing,
         results_dir=cfg.results_dir(), cache_dir=cfg.cache_dir(), run_name=run_name, resume=resume, force=force,

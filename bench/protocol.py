@@ -30,6 +30,7 @@ from .execution import Execution
 from .features import Extractor, extract_features, load_extractor
 from .loading import PRIOR_KINDS, Prior, Tokenizer, load_prior, load_tokenizer
 from .metrics import cleanfid_cross_check, compute_metrics, min_samples
+from .stats import METRICS, Reference, bootstrap_intervals, bootstrap_method, summarise_repeats
 from .results import Row, RunStore, ShardStore, git_commit, versions
 from .samplers import SampleNoise, Sampler, SamplerSettings
 from .samplers.registry import SAMPLERS, make_sampler, sampler_class
@@ -234,12 +235,12 @@ def reference_features(pipe: Pipeline, progress: bool) -> tuple[np.ndarray, str]
 
 # ----------------------------------------------------------------------------- rows
 
-def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, grid: dict,
+def _sampled_features(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, seed: int, grid: dict,
                       starts: list[int], shards: ShardStore | None, label: str, progress: bool) -> np.ndarray:
     """Features of the batches starting at `starts` (all of 0, B, 2B, ... < n, or this rank's share),
-    each batch sampled, decoded by the sampler's tokenizer and extracted, or read back from a shard an
-    interrupted run finished. grid: sample index -> image, for the indices below GRID_SIZE."""
-    n, batch, seed = pipe.settings.num_samples, pipe.settings.batch_size, pipe.settings.seed
+    each batch sampled with `seed`, decoded by the sampler's tokenizer and extracted, or read back from
+    a shard an interrupted run finished. grid: sample index -> image, for the indices below GRID_SIZE."""
+    n, batch = pipe.settings.num_samples, pipe.settings.batch_size
     out = []
     total = sum(min(batch, n - s) for s in starts)
     with tqdm(total=total, desc=label, unit="img", disable=not progress, leave=False) as bar:
@@ -283,45 +284,94 @@ def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) ->
     return {**times, "passes_per_image": sampler.passes_per_image}
 
 
-def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bool,
-              shards: ShardStore | None = None) -> tuple[Row | None, np.ndarray | None]:
-    """-> (row, sample grid images). Under torchrun a sampled row is sharded (bench.distributed):
-    ranks other than 0 get (None, None)."""
+def _scored(pipe: Pipeline, feats: np.ndarray, ref: np.ndarray, reference, seed: int) -> dict:
+    """Every metric of one set of features, with its bootstrap interval where the run asks for one."""
+    s = pipe.settings
+    # the reference is the training split, so memorisation is measured against what the models saw
+    metrics = compute_metrics(feats, ref, {**s.metrics.as_dict(), "seed": seed, "memorisation": True})
+    if s.metrics.cleanfid_check:
+        metrics["fid_cleanfid"] = cleanfid_cross_check(feats, ref)["fid_cleanfid"]
+    if reference is not None:
+        metrics.update(bootstrap_intervals(feats, reference, {**s.metrics.as_dict(), "seed": seed},
+                                           resamples=s.metrics.bootstrap_resamples, seed=seed,
+                                           device=pipe.device, point=metrics))
+    return metrics
+
+
+def _over_seeds(per_seed: list[dict], seeds: tuple[int, ...]) -> dict:
+    """One row's metrics from independent repeats: each metric's mean, its SD, the t interval of the
+    mean (bench.stats.summarise_repeats) and every seed's value."""
+    out = {k: float(np.mean([m[k] for m in per_seed])) for k, v in per_seed[0].items()
+           if isinstance(v, float) and not k.endswith(("_ci_low", "_ci_high", "_se"))}
+    out["kid_subset_size"] = per_seed[0]["kid_subset_size"]
+    for m in METRICS:
+        summary = summarise_repeats([r[m] for r in per_seed])
+        out.update({m: summary["mean"], f"{m}_sd": summary["sd"], f"{m}_ci_low": summary["ci_low"],
+                    f"{m}_ci_high": summary["ci_high"]})
+    out.update(n_seeds=len(seeds), seeds=",".join(map(str, seeds)),
+               per_seed={m: [r[m] for r in per_seed] for m in METRICS})
+    return out
+
+
+def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bool, store: RunStore | None = None,
+              before_first_write=lambda: None, reference=None) -> tuple[Row | None, np.ndarray | None]:
+    """-> (row, sample grid images). A sampled row is repeated for every seed of the run (--seeds);
+    control rows once. Under torchrun a sampled row is sharded (bench.distributed): ranks other than 0
+    get (None, None). reference: a bench.stats.Reference for the bootstrap intervals, or None."""
     s = pipe.settings
     grid: dict = {}
     row = Row(dataset=pipe.ds.name, sampler=planned.slug, features=pipe.extractor.name,
               device=device_name(pipe.device), dtype="float32", switches="plain", slug=planned.slug,
               label=planned.slug)
-    timing = {}
     if planned.settings is None:
         through = pipe.heldout_tokenizer(planned.slug)
         row.tokenizer = through.name if through is not None else None
         feats = extract_features(pipe.extractor, _heldout_batches(pipe, planned.slug, grid),
                                  total=len(pipe.heldout), desc=planned.slug, progress=progress)
-    else:
-        settings = planned.settings
-        sampler = pipe.sampler(settings.sampler)
-        starts = pipe.dist.my_batches(range(0, s.num_samples, s.batch_size))  # all batches in one process
-        indices = np.array([i for b in starts for i in range(b, min(b + s.batch_size, s.num_samples))],
-                           dtype=np.int64)
-        row = Row(**{**row.__dict__, **settings.as_dict(), "label": settings.label(), "seed": s.seed,
-                     "nfe": sampler.nfe(settings), "execution": sampler.execution(),
-                     "switches": sampler.options.spec(), "dtype": sampler.options.dtype,
-                     "tokenizer": sampler.tokenizer.name})
-        feats = _sampled_features(pipe, sampler, settings, grid, starts, shards, row.label, progress)
-        feats, grid = distributed.gather_in_order(pipe.dist, indices, feats, grid)  # as is in one process
+        row = Row(**{**row.__dict__, "n_samples": len(feats), **_scored(pipe, feats, ref, reference, s.seeds[0])})
+        return row, np.stack([grid[i] for i in sorted(grid)])
+    settings = planned.settings
+    sampler = pipe.sampler(settings.sampler)
+    seeds = s.seeds[:1] if sampler.control else s.seeds
+    starts = pipe.dist.my_batches(range(0, s.num_samples, s.batch_size))  # all batches in one process
+    indices = np.array([i for b in starts for i in range(b, min(b + s.batch_size, s.num_samples))], dtype=np.int64)
+    row = Row(**{**row.__dict__, **settings.as_dict(), "label": settings.label(), "seed": seeds[0],
+                 "nfe": sampler.nfe(settings), "execution": sampler.execution(),
+                 "switches": sampler.options.spec(), "dtype": sampler.options.dtype,
+                 "tokenizer": sampler.tokenizer.name})
+    per_seed = []
+    for seed in seeds:
+        shards = None
+        if store is not None:
+            name = planned.slug if seed == seeds[0] else f"{planned.slug}.seed{seed}"
+            shards = store.shards(name, s.batch_size, before_first_write)
+        seed_grid = grid if seed == seeds[0] else {}
+        feats = _sampled_features(pipe, sampler, settings, seed, seed_grid, starts, shards, row.label, progress)
+        feats, seed_grid = distributed.gather_in_order(pipe.dist, indices, feats, seed_grid)  # as is in one process
         if feats is None:
-            return None, None  # not rank 0: metrics, timing and writing are rank 0's
-        timing = time_sampler(pipe, sampler, settings)
-    # the reference is the training split, so memorisation is measured against what the models saw
-    metrics = compute_metrics(feats, ref, {**s.metrics.as_dict(), "seed": s.seed, "memorisation": True})
-    if s.metrics.cleanfid_check:
-        metrics["fid_cleanfid"] = cleanfid_cross_check(feats, ref)["fid_cleanfid"]
-    row = Row(**{**row.__dict__, "n_samples": len(feats), **metrics, **timing})
+            continue  # not rank 0: metrics, timing and writing are rank 0's
+        if seed == seeds[0]:
+            grid = seed_grid
+        per_seed.append(_scored(pipe, feats, ref, reference if len(seeds) == 1 else None, seed))
+    if not per_seed:
+        return None, None
+    metrics = per_seed[0] if len(seeds) == 1 else _over_seeds(per_seed, seeds)
+    timing = time_sampler(pipe, sampler, settings)
+    row = Row(**{**row.__dict__, "n_samples": s.num_samples, **metrics, **timing})
     return row, np.stack([grid[i] for i in sorted(grid)])
 
 
 # ----------------------------------------------------------------------------- the run
+
+def intervals_method(s: RunSettings) -> dict:
+    """How the run's 95% intervals are made, for its manifest."""
+    resamples = s.metrics.bootstrap_resamples
+    boot = bootstrap_method(resamples, s.seed) if resamples else {"method": "none (metrics.bootstrap_resamples = 0)"}
+    if len(s.seeds) == 1:
+        return boot
+    return {"method": f"sampled rows: t interval of the mean over {len(s.seeds)} seeds; control rows: as `control`",
+            "level": 0.95, "control": boot}
+
 
 def build_manifest(pipe: Pipeline, plan: list[PlannedRow]) -> dict:
     s, ds = pipe.settings, pipe.ds
@@ -340,7 +390,10 @@ def build_manifest(pipe: Pipeline, plan: list[PlannedRow]) -> dict:
                     (("train", pipe.train), ("heldout", pipe.heldout)) if data is not None},
         "num_samples": s.num_samples,
         "seed": s.seed,
-        "seeding": "sample i draws from its own generator seeded by numpy SeedSequence([seed, i])",
+        "seeds": list(s.seeds),
+        "seeding": "sample i draws from its own generator seeded by numpy SeedSequence([seed, i]); with several "
+                   "seeds every sampled row is repeated per seed (control rows use the first)",
+        "intervals": intervals_method(s),
         "extractor": pipe.extractor.name,
         "hashes": pipe.hashes,
         "metrics": {k: v for k, v in s.metrics.as_dict().items() if v not in (None, False)},
@@ -401,6 +454,11 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
         if main:  # sharded: the old run was removed already, other ranks may be writing
             store.begin(manifest)
 
+    s = pipe.settings
+    reference = None
+    if main and s.metrics.bootstrap_resamples:
+        reference = Reference(ref, s.metrics.as_dict(), device=pipe.device)
+
     rows = []
     for planned in tqdm(plan, desc=f"rows ({pipe.ds.name})", unit="row", disable=not progress):
         if planned.slug in done:
@@ -408,8 +466,7 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
             continue
         if not main and planned.settings is None:
             continue  # held-out control rows: rank 0 alone
-        shards = store.shards(planned.slug, pipe.settings.batch_size, before_first_write)
-        row, grid = score_row(pipe, planned, ref, progress, shards)
+        row, grid = score_row(pipe, planned, ref, progress, store, before_first_write, reference)
         if not main:
             continue
         before_first_write()

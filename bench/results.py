@@ -70,6 +70,21 @@ class Row:
     seed: int | None = None
     switches: str | None = None             # execution switches in effect (bench.execution)
     tokenizer: str | None = None            # the first stage that decoded the row (none for `data`)
+    # 95% intervals (bench.stats): a bootstrap over the generated samples, or from repeated seeds
+    fid_ci_low: float | None = None
+    fid_ci_high: float | None = None
+    kid_mean_ci_low: float | None = None
+    kid_mean_ci_high: float | None = None
+    precision_ci_low: float | None = None
+    precision_ci_high: float | None = None
+    recall_ci_low: float | None = None
+    recall_ci_high: float | None = None
+    density_ci_low: float | None = None
+    density_ci_high: float | None = None
+    coverage_ci_low: float | None = None
+    coverage_ci_high: float | None = None
+    fid_sd: float | None = None             # SD of FID over repeated seeds (--seeds)
+    n_seeds: int | None = None
     # JSON only: what identifies and explains the row
     slug: str | None = field(default=None, metadata=JSON_ONLY)
     label: str | None = field(default=None, metadata=JSON_ONLY)
@@ -82,6 +97,20 @@ class Row:
     end_to_end_overhead: float | None = field(default=None, metadata=JSON_ONLY)
     features_s_per_batch: float | None = field(default=None, metadata=JSON_ONLY)
     passes_per_image: float | None = field(default=None, metadata=JSON_ONLY)
+    # standard errors (bench.stats.standard_error reads them), SDs over seeds, each seed's values
+    fid_se: float | None = field(default=None, metadata=JSON_ONLY)
+    kid_mean_se: float | None = field(default=None, metadata=JSON_ONLY)
+    precision_se: float | None = field(default=None, metadata=JSON_ONLY)
+    recall_se: float | None = field(default=None, metadata=JSON_ONLY)
+    density_se: float | None = field(default=None, metadata=JSON_ONLY)
+    coverage_se: float | None = field(default=None, metadata=JSON_ONLY)
+    kid_mean_sd: float | None = field(default=None, metadata=JSON_ONLY)
+    precision_sd: float | None = field(default=None, metadata=JSON_ONLY)
+    recall_sd: float | None = field(default=None, metadata=JSON_ONLY)
+    density_sd: float | None = field(default=None, metadata=JSON_ONLY)
+    coverage_sd: float | None = field(default=None, metadata=JSON_ONLY)
+    seeds: str | None = field(default=None, metadata=JSON_ONLY)          # "0,1,2"
+    per_seed: dict | None = field(default=None, metadata=JSON_ONLY)      # metric -> [value per seed]
     # perf rows (bench perf)
     tokens_per_s: float | None = field(default=None, metadata=JSON_ONLY)
     flops_per_image: float | None = field(default=None, metadata=JSON_ONLY)
@@ -118,17 +147,17 @@ class Row:
             if value is None:
                 continue
             kind = FIELD_TYPES[key]
-            ok = (isinstance(value, str) if kind is str else
+            ok = (isinstance(value, dict) if kind is dict else isinstance(value, str) if kind is str else
                   isinstance(value, int) and not isinstance(value, bool) if kind is int else
                   isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
             if not ok:
-                expected = {str: "a string", int: "an integer", float: "a finite number"}[kind]
+                expected = {str: "a string", int: "an integer", float: "a finite number", dict: "an object"}[kind]
                 raise BenchError(f"{where}: row {d.get('slug', '?')!r}: {key} = {value!r}; expected {expected} or null")
         return cls(**d)
 
 
 def _field_type(f) -> type:
-    return str if "str" in f.type else int if "int" in f.type else float
+    return dict if "dict" in f.type else str if "str" in f.type else int if "int" in f.type else float
 
 
 FIELD_TYPES = {f.name: _field_type(f) for f in fields(Row)}
@@ -137,7 +166,7 @@ SCHEMA = [f.name for f in fields(Row) if f.metadata.get("csv", True)]
 PROTOCOL_KEYS = ("dataset", "dataset_content", "num_samples", "seed", "extractor", "hashes", "metrics")
 # --resume also keeps the execution switches and the plan: finished rows were sampled under them
 # (compare shows differing switches per row instead of refusing). Older manifests ran plain.
-RESUME_KEYS = PROTOCOL_KEYS + ("execution", "rows")
+RESUME_KEYS = PROTOCOL_KEYS + ("execution", "rows", "seeds", "intervals")
 MANIFEST_DEFAULTS = {"execution": "plain"}
 
 

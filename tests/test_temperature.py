@@ -15,7 +15,8 @@ import torch
 from scipy.stats import chi2
 
 from bench.models import Transformer, TransformerConfig
-from bench.samplers import SAMPLERS, SampleNoise, SamplerSettings, draw_tokens
+from bench.samplers import SampleNoise, SamplerSettings, draw_tokens
+from bench.samplers.registry import SAMPLERS
 
 DRAWS = 20_000
 CODEBOOK, SEQ_LEN = 8, 4
@@ -28,9 +29,8 @@ SWAPPED = {0.5: 2.0, 2.0: 0.5}
 # knows how samplers are built and where each one's first draw comes from
 
 def make_sampler(name: str, priors: dict):
-    import baselines  # noqa: F401  (registers the autoregressive and maskgit samplers)
-    import bench.absorbing  # noqa: F401  (registers absorbing)
-    return SAMPLERS[name](priors, "cpu", None)
+    cls = SAMPLERS[name]
+    return cls(priors[cls.prior_kind])
 
 
 def first_draws(name: str, priors: dict, temperature: float) -> tuple[np.ndarray, torch.Tensor]:
@@ -38,7 +38,7 @@ def first_draws(name: str, priors: dict, temperature: float) -> tuple[np.ndarray
     absorbing and maskgit with 1 step draw every position once from the all-masked input;
     autoregressive draws its first token given the start token alone."""
     sampler = make_sampler(name, priors)
-    if name in ("absorbing", "maskgit"):
+    if SAMPLERS[name].takes_steps:
         net = priors["absorbing"]
         settings = SamplerSettings(name, 1, temperature)
         logits = net(torch.full((1, SEQ_LEN), net.cfg.mask_id))[0]

@@ -131,20 +131,26 @@ def checkpoint_sha256(stem: str | os.PathLike) -> str:
     return file_sha256(resolve(stem).with_suffix(".safetensors"))
 
 
+def state_mismatches(own: dict, found: dict, prefix: str = "") -> list[str]:
+    """Why `found` (name -> anything with .shape) does not fit a module's state dict `own`: missing and
+    unexpected keys and wrong shapes, a few of each; empty where it fits."""
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    wrong = [f"{prefix}{k}: file {tuple(found[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in found and tuple(found[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {[prefix + k for k in missing[:3]]}{'...' if len(missing) > 3 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {[prefix + k for k in unexpected[:3]]}{'...' if len(unexpected) > 3 else ''}")
+    if wrong:
+        parts.append(f"shape mismatch {wrong[:2]}")
+    return parts
+
+
 def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     """load_state_dict with an error that names the file and the first mismatches."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[:2]}")
+    parts = state_mismatches(module.state_dict(), state)
+    if parts:
         raise BenchError(f"checkpoint {source} does not fit its model config: " + "; ".join(parts))
     module.load_state_dict(state)

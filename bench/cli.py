@@ -22,30 +22,24 @@ def _user_errors(fn):
     return wrapper
 
 
-def _int_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or any(v < 1 for v in out):
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    if len(set(out)) != len(out):
-        raise click.BadParameter(f"{value!r} repeats a value; give each once")
-    return out
+def _int_list_of(minimum: int):
+    """A click callback: comma-separated distinct integers >= minimum."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            out = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        if not out or any(v < minimum for v in out):
+            raise click.BadParameter(f"expected integers >= {minimum}, got {value!r}")
+        if len(set(out)) != len(out):
+            raise click.BadParameter(f"{value!r} repeats a value; give each once")
+        return out
+    return parse
 
 
-def _seed_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or any(v < 0 for v in out) or len(set(out)) != len(out):
-        raise click.BadParameter(f"expected distinct integers >= 0, got {value!r}")
-    return out
+_int_list, _seed_list = _int_list_of(1), _int_list_of(0)
 
 
 def _str_list(ctx, param, value):

@@ -32,7 +32,7 @@ import yaml
 
 from baselines.taming_models import TamingFirstStage, TamingFirstStageConfig, TamingGPT, TamingGPTConfig
 
-from ..checkpoints import file_sha256, load_checkpoint, load_state_strict, save_checkpoint
+from ..checkpoints import file_sha256, load_checkpoint, load_state_strict, save_checkpoint, state_mismatches
 from ..errors import BenchError
 from . import Tokenizer
 from .pickles import TensorRef, open_torch_file
@@ -233,18 +233,7 @@ def _dropped(key: str) -> bool:
 
 
 def _check_shapes(module: torch.nn.Module, refs: Mapping, prefix: str, ckpt: Path, config: Path) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(refs))
-    unexpected = sorted(set(refs) - set(own))
-    wrong = [f"{prefix}{k}: {tuple(refs[k].shape)} in the file, {tuple(own[k].shape)} from the config"
-             for k in own if k in refs and tuple(refs[k].shape) != tuple(own[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"missing keys {[prefix + k for k in missing[:3]]}{'...' if len(missing) > 3 else ''}")
-    if unexpected:
-        parts.append(f"unexpected keys {[prefix + k for k in unexpected[:3]]}{'...' if len(unexpected) > 3 else ''}")
-    if wrong:
-        parts.append(f"shape mismatch {wrong[:2]}")
+    parts = state_mismatches(module.state_dict(), refs, prefix)
     if parts:
         raise BenchError(f"Taming checkpoint {ckpt} does not fit {config}: " + "; ".join(parts))
 

@@ -16,13 +16,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .data import DATASET_KINDS, DigitsSource, FileSource
+from .data import DATASET_KINDS, SOURCES
 from .errors import BenchError
 from .execution import Execution
 from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
-ON_CORRUPT = ("error", "skip")
 
 
 # ----------------------------------------------------------------------------- typed tables
@@ -278,24 +277,13 @@ def _dataset(name: str, table: dict, where: str) -> DatasetConfig:
         if isinstance(table, dict) and key not in table:
             raise BenchError(f"{where}: {prefix}.{key} is missing")
     ds = build(DatasetConfig, table, where, prefix)
-    digits_keys, file_keys = ("heldout_size", "split_seed"), ("train", "heldout", "on_corrupt")
-    own, other = (digits_keys, file_keys) if ds.kind == "digits" else (file_keys, digits_keys)
-    stray = [k for k in other if getattr(ds, k) is not None]
+    source_cls = SOURCES[ds.kind]
+    stray = [k for cls in SOURCES.values() for k in cls.keys if k not in source_cls.keys and getattr(ds, k) is not None]
     if stray:
         raise BenchError(f"{where}: {prefix}.{stray[0]} does not apply to kind {ds.kind!r} "
-                         f"(its keys: {', '.join(own)})")
-    if ds.kind == "digits":
-        source = DigitsSource(ds.resolution, ds.channels, ds.heldout_size or 500,
-                              0 if ds.split_seed is None else ds.split_seed)
-        if source.split_seed < 0:
-            raise BenchError(f"{where}: {prefix}.split_seed must be >= 0, got {source.split_seed}")
-    else:
-        if ds.train is None:
-            raise BenchError(f"{where}: {prefix}.train (the path of the reference split) is missing")
-        if (ds.on_corrupt or "error") not in ON_CORRUPT:
-            raise BenchError(f"{where}: {prefix}.on_corrupt must be one of {ON_CORRUPT}")
-        source = FileSource(ds.resolution, ds.channels, ds.train, ds.heldout, ds.on_corrupt or "error",
-                            ds.kind, where, prefix)
+                         f"(its keys: {', '.join(source_cls.keys)})")
+    options = {k: getattr(ds, k) for k in source_cls.keys if getattr(ds, k) is not None}
+    source = source_cls.from_config(ds.kind, ds.resolution, ds.channels, options, where, prefix)
     if ds.official_hparams is not None:
         from .loading.official import check_hparams
         try:

@@ -382,6 +382,13 @@ class DigitsSource:
     split_seed: int = 0
     kind = "digits"
     preprocessing = "digits-bilinear"
+    keys = ("heldout_size", "split_seed")   # its own keys of a [datasets.NAME] table
+
+    @classmethod
+    def from_config(cls, kind: str, resolution: int, channels: int, options: dict, where: str, key: str):
+        if options.get("split_seed", 0) < 0:
+            raise BenchError(f"{where}: {key}.split_seed must be >= 0, got {options['split_seed']}")
+        return cls(resolution, channels, **options)
 
     def has_split(self, split: str) -> bool:
         return split in DIGITS_SPLITS
@@ -410,6 +417,15 @@ class FileSource:
     where: str = "bench.toml"   # for errors: the config file and the dataset's dotted key
     key: str = "datasets.?"
     preprocessing = "resize+centercrop"
+    keys = ("train", "heldout", "on_corrupt")
+
+    @classmethod
+    def from_config(cls, kind: str, resolution: int, channels: int, options: dict, where: str, key: str):
+        if "train" not in options:
+            raise BenchError(f"{where}: {key}.train (the path of the reference split) is missing")
+        if options.get("on_corrupt", "error") not in ON_CORRUPT:
+            raise BenchError(f"{where}: {key}.on_corrupt must be one of {ON_CORRUPT}")
+        return cls(resolution, channels, kind=kind, where=where, key=key, **options)
 
     def has_split(self, split: str) -> bool:
         return getattr(self, split, None) is not None
@@ -454,7 +470,9 @@ def _describe_path(kind: str, path: Path) -> str:
         return f"lsun: {path} (not an LMDB)"
 
 
-DATASET_KINDS = ("digits", "folder", "lsun")
+# bench.toml's `kind` -> the source class that reads it
+SOURCES = {"digits": DigitsSource, "folder": FileSource, "lsun": FileSource}
+DATASET_KINDS = tuple(SOURCES)
 
 
 def iterate_batches(images, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:

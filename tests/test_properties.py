@@ -241,5 +241,5 @@ def test_score_arguments_never_crash(cli_dir, files, args):
 
 def test_a_valid_run_reaches_the_stand_in(cli_dir):
     """The stand-in is reached only after every check passed: valid arguments end there."""
-    result = invoke(cli_dir, ["run", "--samplers", "absorbing", "--steps", "1", "--num-samples", "2", "--quiet"])
+    result = invoke(cli_dir, ["run", "--samplers", "absorbing", "--steps", "1", "--num-samples", "8", "--quiet"])
     assert result.exit_code == 2 and STOPPED in result.output

@@ -162,11 +162,13 @@ def _field_type(f) -> type:
 
 FIELD_TYPES = {f.name: _field_type(f) for f in fields(Row)}
 SCHEMA = [f.name for f in fields(Row) if f.metadata.get("csv", True)]
-# What must match for --resume to keep finished rows, and for `bench compare` without --allow-mismatch.
-PROTOCOL_KEYS = ("dataset", "dataset_content", "num_samples", "seed", "extractor", "hashes", "metrics")
-# --resume also keeps the execution switches and the plan: finished rows were sampled under them
-# (compare shows differing switches per row instead of refusing). Older manifests ran plain.
-RESUME_KEYS = PROTOCOL_KEYS + ("execution", "rows", "seeds", "intervals")
+# What must match for `bench compare` and `bench check` without --allow-mismatch. The seed is not part
+# of the protocol: a run with another seed is another draw of the same measurement, which is what the
+# significance test judges.
+PROTOCOL_KEYS = ("dataset", "dataset_content", "num_samples", "extractor", "hashes", "metrics")
+# --resume also keeps the seeds, the execution switches and the plan: finished rows were sampled under
+# them (compare shows differing switches per row instead of refusing). Older manifests ran plain.
+RESUME_KEYS = PROTOCOL_KEYS + ("seed", "seeds", "execution", "rows", "intervals")
 MANIFEST_DEFAULTS = {"execution": "plain"}
 
 

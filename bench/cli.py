@@ -9,6 +9,16 @@ import click
 
 from .errors import BenchError
 
+MAX_SEED = 2 ** 32 - 1   # numpy's RandomState (KID subsets) takes seeds below 2**32
+
+
+def _close_progress_bars() -> None:
+    """Clear progress bars left open by an error, so that its line stands alone on a terminal."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
 
 def _user_errors(fn):
     """Turn BenchError into one line on stderr and exit code 2."""
@@ -17,9 +27,43 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BenchError as e:
-            click.echo(f"error: {e}", err=True)
+            _close_progress_bars()
+            click.echo("error: " + " ".join(str(e).split("\n")), err=True)  # one line, whatever a library said
             sys.exit(2)
     return wrapper
+
+
+def _progress(quiet: bool = False) -> bool:
+    """Progress bars on a terminal only: in a log or a pipe they are noise around the lines that matter."""
+    return not quiet and sys.stderr.isatty()
+
+
+class _UsageError(click.ClickException):
+    """A click usage error (a bad option value, a missing option) shown as one `error:` line with exit
+    code 2, like every other bad input."""
+    exit_code = 2
+
+    def __init__(self, e: click.ClickException):
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        super().__init__(f"{e.format_message()}{hint}")
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class BenchGroup(click.Group):
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as e:
+            raise e if isinstance(e, _UsageError) else _UsageError(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            raise e if isinstance(e, _UsageError) else _UsageError(e) from None
 
 
 def _int_list(ctx, param, value):
@@ -46,7 +90,7 @@ profile_option = click.option("--profile", default=None, help="Overlay [profiles
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 
 
-@click.group()
+@click.group(cls=BenchGroup)
 @click.version_option(package_name="bench")
 def main():
     """Evaluate absorbing-diffusion and autoregressive token priors under one protocol."""
@@ -74,7 +118,7 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
     from .distributed import from_env
     from .protocol import run as run_protocol
     settings = run_settings(load_config(config_path, profile), dataset, samplers, steps, num_samples, device,
-                            execution, run_name, resume, force, not quiet)
+                            execution, run_name, resume, force, _progress(quiet))
     run_dir = run_protocol(settings)
     if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
         click.echo((run_dir / "results.md").read_text())
@@ -86,7 +130,7 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
 @click.option("--model", required=True, help="What to train: vq, the absorbing or autoregressive prior, or extractor")
 @click.option("--out", default=None, help="Checkpoint stem to write: STEM.safetensors, STEM.json (priors: STEM.resume.pt)")
 @click.option("--replace-shipped", is_flag=True, help="Allow writing the shipped builtin:<dataset>/<model> (the default --out).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Training steps; priors: the most, early stopping may end sooner  [default: the shipped recipe]")
 @click.option("--resume", is_flag=True, help="Continue a prior's training from STEM.resume.pt.")
@@ -103,7 +147,7 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
     out = training.check_output(out, dataset, model, replace_shipped)
     if threads:
         torch.set_num_threads(threads)
-    record = training.train_model(cfg, ds, model, out, seed, steps, resume=resume)
+    record = training.train_model(cfg, ds, model, out, seed, steps, progress=_progress(), resume=resume)
     click.echo(f"wrote {out}: {record}")
 
 
@@ -115,7 +159,7 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--num", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample indices first-index .. first-index+num-1")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -133,7 +177,7 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
     cfg = load_config(config_path)
     line = sample_to_file(cfg, cfg.dataset(dataset), sampler, steps, temperature, top_k, top_p, num, seed,
                           first_index, batch_size, device or cfg.run.device, execution or cfg.run.execution,
-                          Path(out), force)
+                          Path(out), force, _progress())
     click.echo(line)
 
 
@@ -217,7 +261,8 @@ def perf(dataset, shape, samplers, steps, executions, batch_size, device, featur
     from .perf import run_perf_command
     cfg = load_config(config_path)
     text, out = run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_size, device, features,
-                                 warmup, repeats, Path(out) if out else None, estimate_samples, force)
+                                 warmup, repeats, Path(out) if out else None, estimate_samples, force,
+                                 progress=_progress())
     click.echo(text)
     click.echo(f"wrote {out}")
 
@@ -342,7 +387,7 @@ def features_command(images_dir, extractor_name, out, resolution, channels, batc
     if weights is None and cfg is not None:
         weights = cfg.extractor_weights(extractor_name)
     click.echo(features_of_folder(images_dir, extractor_name, Path(out), resolution, int(channels), batch_size,
-                                  device, weights, not quiet, force))
+                                  device, weights, _progress(quiet), force))
 
 
 @main.command()

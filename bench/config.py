@@ -141,7 +141,8 @@ class RunSection:
 
     def check(self, where: str, prefix: str) -> None:
         _positive(self, where, prefix, ("batch_size",))
-        _positive(self, where, prefix, ("seed",), 0)
+        if not 0 <= self.seed < 2 ** 32:  # numpy's RandomState (KID subsets) takes seeds below 2**32
+            raise BenchError(f"{where}: {prefix}.seed must lie in 0..{2 ** 32 - 1}, got {self.seed}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BenchError(f"{where}: {prefix}.device must be 'cpu' or 'cuda', got {self.device!r}")
         try:
@@ -216,6 +217,11 @@ class SweepEntry:
 
     def check(self, where: str, prefix: str) -> None:
         from .samplers import SamplerSettings
+        from .samplers.registry import sampler_class
+        try:
+            sampler_class(self.sampler)
+        except BenchError as e:
+            raise BenchError(f"{where}: {prefix}.sampler: {e}") from None
         if self.steps is not None and len(set(self.steps)) != len(self.steps):
             raise BenchError(f"{where}: {prefix}.steps = {list(self.steps)} repeats a value")
         if len(set(self.temperature)) != len(self.temperature):
@@ -403,6 +409,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
         overlay = profiles[profile]
         _check_overlay(overlay, where, f"profiles.{profile}")
         raw = _merge(raw, overlay)
+        where = f"{where} with --profile {profile}"  # the merged values are checked below
     for key in ("run", "metrics", "timing", "datasets", "thresholds"):
         if not isinstance(raw.get(key, {}), dict):
             raise BenchError(f"{where}: {key} must be a table")
@@ -453,11 +460,14 @@ def run_settings(cfg: Config, dataset: str | None = None, samplers=None, steps=N
         raise BenchError(f"--num-samples must be positive, got {n}")
     if run_name is not None:
         check_plain_name(run_name, "--run-name")
+    from .checkpoints import check_folder
+    cache_dir = cfg.cache_dir()
+    check_folder(cache_dir, f"the cache {cache_dir} (run.cache_dir of {cfg.path})")
     return RunSettings(
         config=cfg, dataset=ds, samplers=tuple(samplers) if samplers is not None else None,
         steps=tuple(steps) if steps is not None else None, num_samples=n,
         seed=cfg.run.seed if seed is None else seed, device=device or cfg.run.device,
         batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.run.execution),
         metrics=cfg.metrics.overridden(ds.overrides.as_dict()), timing=cfg.timing,
-        results_dir=cfg.results_dir(), cache_dir=cfg.cache_dir(), run_name=run_name, resume=resume, force=force,
+        results_dir=cfg.results_dir(), cache_dir=cache_dir, run_name=run_name, resume=resume, force=force,
         progress=progress)

@@ -389,9 +389,9 @@ def _on_rank(settings: RunSettings, dist) -> RunSettings:
 
 def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: RunStore, done: dict,
               main: bool, progress: bool) -> None:
-    if main and pipe.hash_cache is not None:
-        pipe.hash_cache.save()
     ref, ref_key = reference_features(pipe, progress) if main else (None, None)
+    if main and pipe.hash_cache is not None:
+        pipe.hash_cache.save()  # once the training split has been read whole: a bad image leaves no cache
     if main:
         manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
     if done or store.resume:
@@ -423,12 +423,15 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
 
 def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None, temperature: float,
                    top_k: int | None, top_p: float | None, num: int, seed: int, first_index: int, batch_size: int,
-                   device: str, execution: str, out: Path, force: bool = False) -> str:
+                   device: str, execution: str, out: Path, force: bool = False, progress: bool = True) -> str:
     """Samples `first_index .. first_index + num - 1` of sampler `name` to out (.npz: `tokens` (N, h, w)
     int64, `images` (N, H, W, C) uint8). Loads only the tokenizer and the prior the sampler needs."""
     from .checkpoints import check_writable
     from .samplers import generate
     check_writable(out, force)
+    if num > MAX_SAMPLES:
+        raise BenchError(f"--num {num} is more than one file holds ({MAX_SAMPLES:,}); draw them in parts with "
+                         f"--first-index")
     cls = sampler_class(name)
     settings = cls.settings(steps, temperature, top_k, top_p)
     dev = torch.device(device)
@@ -438,7 +441,7 @@ def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None,
     tokenizer, priors = load_models(cfg, ds, dev, [cls.prior_kind] if cls.prior_kind else [])
     sampler = make_sampler(name, priors, tokenizer, execution)
     sampler.check(settings)
-    tokens = generate(sampler, settings, seed, range(first_index, first_index + num), batch_size, dev)
+    tokens = generate(sampler, settings, seed, range(first_index, first_index + num), batch_size, dev, progress)
     images = np.concatenate([sampler.tokenizer.decode(tokens[i:i + batch_size])
                              for i in range(0, len(tokens), batch_size)])
     hw = sampler.tokenizer.latent_hw

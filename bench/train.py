@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .samplers import absorbing
-from .checkpoints import WEIGHTS_DIR, atomic_write_bytes, resolve, save_checkpoint
+from .checkpoints import WEIGHTS_DIR, atomic_write_bytes, check_folder, resolve, save_checkpoint
 from .data import ArrayImages, iterate_batches, to_float
 from .errors import BenchError
 from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
@@ -414,6 +414,10 @@ def check_output(out: str | None, dataset: str, model: str, replace_shipped: boo
     if inside and not replace_shipped:
         raise BenchError(f"{out} is a shipped checkpoint (in {WEIGHTS_DIR}); write elsewhere with --out STEM, "
                          "or pass --replace-shipped to overwrite it")
+    from .checkpoints import check_name_lengths
+    stem = resolve(out)
+    check_name_lengths(stem.with_suffix(".resume.pt"), f"--out {out}")
+    check_folder(stem.parent, f"--out {out}")
     return out
 
 

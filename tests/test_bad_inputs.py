@@ -646,3 +646,108 @@ def test_bad_input(case: Case, base, tmp_path, monkeypatch):
     assert not caught, caught
     assert changes(before[0], snapshot(root)) == []
     assert changes(before[1], snapshot(WEIGHTS_DIR, hash_files=False)) == []
+
+
+# ----------------------------------------------------------------------------- accepted, not refused
+
+@pytest.fixture
+def project(base, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "p"
+    shutil.copytree(base, root, symlinks=True)
+    monkeypatch.chdir(root)
+    return root
+
+
+def _rows(run: Path) -> dict:
+    return {r["slug"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
+
+
+def test_a_truncated_reference_cache_is_recomputed(project):
+    (cache,) = (project / "cache" / "reference").glob("fd-*.npy")
+    cache.write_bytes(cache.read_bytes()[:100])
+    code, out, _ = invoke("run", "--samplers", "data", "--run-name", "again", "--quiet")
+    assert code == 0, out
+    assert np.load(cache).shape == (30, 128)
+    assert _rows(project / "results/fd/again")["data"]["fid"] == _rows(project / "results/fd/done")["data"]["fid"]
+
+
+def test_an_unreadable_shard_is_recomputed_on_resume(project, monkeypatch):
+    from bench.results import ShardStore
+    loaded, load = [], ShardStore.load
+    monkeypatch.setattr(ShardStore, "load", lambda self, *a: loaded.append(load(self, *a)) or loaded[-1])
+    run = unfinished(project)
+    (run / "rows" / "absorbing-s1-t1.json").unlink()
+    shards = ShardStore(run / "rows" / "absorbing-s1-t1.shards", 250)
+    shards.save(0, np.zeros((12, 128)), {})
+    (shard,) = shards.folder.iterdir()
+    shard.write_bytes(shard.read_bytes()[:50])
+    code, out, _ = invoke(*RUN_FD, "--run-name", "partial", "--resume", "--quiet")
+    assert code == 0, out
+    assert loaded == [None] and not shards.folder.exists()  # the shard was looked at, refused, and redone
+    assert _rows(run)["absorbing-s1-t1"]["fid"] == _rows(project / "results/fd/done")["absorbing-s1-t1"]["fid"]
+
+
+def test_a_damaged_hash_cache_is_rebuilt(project):
+    (project / "cache" / "content-hashes.json").write_text('{"not": ')
+    code, out, _ = invoke("run", "--samplers", "data", "--run-name", "again", "--quiet")
+    assert code == 0, out
+    assert len(json.loads((project / "cache" / "content-hashes.json").read_text())) == 42  # 30 + 12 images
+
+
+def test_tilde_in_results_and_cache_dir_is_the_home_folder(project, monkeypatch):
+    from bench.config import load_config
+    monkeypatch.setenv("HOME", str(project / "home"))
+    edit(project, 'results_dir = "results"', 'results_dir = "~/x"')
+    edit(project, 'cache_dir = "cache"', 'cache_dir = "~/c"')
+    cfg = load_config()
+    assert cfg.results_dir() == project / "home" / "x" and cfg.cache_dir() == project / "home" / "c"
+
+
+def test_a_row_without_fid_is_shown_empty_and_fails_its_ceiling(project):
+    """Unknown values are empty, never invented: tables and comparisons show them so; a ceiling set
+    for a row without a FID is a breach (exit 1), not bad input."""
+    results_json(project, lambda d: [r.pop("fid") for r in d["rows"] if r["slug"] == "absorbing-s1-t1"])
+    append(project, '\n[thresholds.fd]\nfid_ceiling = { "absorbing-s1-t1" = 1000.0 }\n')
+    code, out, _ = invoke("figures", "results/fd/done")
+    assert code == 0, out
+    code, out, _ = invoke("compare", "results/fd/done", "results/fd/done")
+    assert code == 0, out
+    code, out, _ = invoke("check", "results/fd/done")
+    assert code == 1 and "FAILED: absorbing-s1-t1: the row has no FID" in out, out
+
+
+def test_a_bad_held_out_image_writes_no_run_and_keeps_the_training_splits_cache(project):
+    """The held-out split is read by the first rows, after the training split's reference features:
+    those are kept (they are valid and keyed by the training split's content); no run is written."""
+    image(project, "data/heldout/zz.jpg", raw=truncated_jpeg())
+    before = snapshot(project)
+    code, out, _ = invoke(*RUN_FD, "--run-name", "new")
+    assert code == 2 and out.strip() == out.strip().splitlines()[0] and "data/heldout/zz.jpg" in out, out
+    assert all(c.startswith(f"changed {project / 'cache'}") for c in changes(before, snapshot(project)))
+
+
+@pytest.mark.parametrize("mode,fmt", [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGB", "PNG"),
+                                      ("RGBA", "PNG"), ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("L", "BMP")])
+def test_eight_bit_modes_decode_to_pillows_own_values(tmp_path, mode, fmt):
+    from bench.data import FolderImages
+    grey = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    rgb = Image.merge("RGB", [grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grey.rotate(90)])
+    source = (grey if mode in ("1", "L", "LA", "P") else rgb).convert(mode)
+    source.save(tmp_path / f"a.{fmt.lower()}", format=fmt)
+    with Image.open(tmp_path / f"a.{fmt.lower()}") as stored:
+        for channels, target in ((1, "L"), (3, "RGB")):
+            expected = np.asarray(stored.convert(target)).reshape(16, 16, channels)
+            assert np.array_equal(FolderImages(tmp_path, 16, channels)[0], expected), (mode, channels)
+    if mode in ("L", "RGB"):  # nothing lost on the way: 0..255 as written
+        assert np.array_equal(FolderImages(tmp_path, 16, 1 if mode == "L" else 3)[0][..., 0], np.asarray(grey))
+
+
+@pytest.mark.parametrize("array,fmt", [(np.full((16, 16), 300, np.uint16), "PNG"), (np.full((16, 16), 7, np.uint16), "TIFF"),
+                                       (np.full((16, 16), 70000, np.int32), "TIFF"),
+                                       (np.full((16, 16), 0.25, np.float32), "TIFF")])
+def test_wider_than_eight_bit_images_are_refused_never_saturated(tmp_path, array, fmt):
+    from bench.data import FolderImages
+    from bench.errors import BenchError
+    Image.fromarray(array).save(tmp_path / f"a.{fmt.lower()}", format=fmt)
+    with pytest.raises(BenchError, match=r"a\.(png|tiff).*not 8-bit"):
+        FolderImages(tmp_path, 16, 1)[0]

@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import BenchError
-
-MAX_SEED = 2 ** 32 - 1   # numpy's RandomState (KID subsets) takes seeds below 2**32
+from .limits import MAX_BATCH, MAX_REPEATS, MAX_SEED, MAX_THREADS
 
 
 def _close_progress_bars() -> None:
@@ -80,6 +79,13 @@ def _int_list(ctx, param, value):
     return out
 
 
+def _batch_list(ctx, param, value):
+    out = _int_list(ctx, param, value)
+    if out is not None and max(out) > MAX_BATCH:
+        raise click.BadParameter(f"batch sizes go up to {MAX_BATCH}, got {max(out)}")
+    return out
+
+
 def _str_list(ctx, param, value):
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -134,7 +140,7 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Training steps; priors: the most, early stopping may end sooner  [default: the shipped recipe]")
 @click.option("--resume", is_flag=True, help="Continue a prior's training from STEM.resume.pt.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads  [default: torch's]")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch threads  [default: torch's]")
 @config_option
 @_user_errors
 def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, config_path):
@@ -162,7 +168,7 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample indices first-index .. first-index+num-1")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: run.execution, plain]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
@@ -241,12 +247,12 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
 @click.option("--steps", callback=_int_list, default=None, help="Step counts of step-taking samplers  [default: 1,4,16,64 or 50,256]")
 @click.option("--execution", "executions", multiple=True, default=("plain",), show_default=True,
               help="Speed switches (bench/execution.py), e.g. plain, fast, bf16+skip-idle; repeat to time several.")
-@click.option("--batch-size", callback=_int_list, default=None, help="Comma-separated batch sizes  [default: timing.batch_size]")
+@click.option("--batch-size", callback=_batch_list, default=None, help="Comma-separated batch sizes  [default: timing.batch_size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--features/--no-features", default=True, show_default=True,
               help="Time feature extraction too (the dataset's extractor; inception-v3-compat for --shape).")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="[default: timing.warmup]")
-@click.option("--repeats", type=click.IntRange(min=1), default=None, help="[default: timing.repeats]")
+@click.option("--warmup", type=click.IntRange(0, MAX_REPEATS), default=None, help="[default: timing.warmup]")
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=None, help="[default: timing.repeats]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json/csv/md  [default: <results_dir>/perf/<timestamp>]")
 @click.option("--estimate-samples", type=click.IntRange(min=1), default=50000, show_default=True,
@@ -367,7 +373,7 @@ def _config_if_any(config_path):
                    "side, so same-sized square images pass unchanged]")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True,
               help="Decode as grey (1) or RGB (3)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--weights", default=None,
               help="Extractor weights (digits: a checkpoint stem)  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "

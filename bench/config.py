@@ -19,6 +19,7 @@ from pathlib import Path
 from .data import DATASET_KINDS, DigitsSource, FileSource
 from .errors import BenchError
 from .execution import Execution
+from .limits import MAX_BATCH, MAX_REPEATS, MAX_SEED
 from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
@@ -121,12 +122,15 @@ def build(cls, table, where: str, prefix: str, extra: dict | None = None):
     return obj
 
 
-def _positive(obj, where: str, prefix: str, names: tuple[str, ...], minimum: int = 1) -> None:
+def _positive(obj, where: str, prefix: str, names: tuple[str, ...], minimum: int = 1,
+              maximum: int | None = None) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < minimum:
             expected = "positive" if minimum == 1 else f">= {minimum}"
             raise BenchError(f"{where}: {prefix}.{name} must be {expected}, got {value}")
+        if value is not None and maximum is not None and value > maximum:
+            raise BenchError(f"{where}: {prefix}.{name} must be at most {maximum:,}, got {value:,}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,9 @@ class RunSection:
     execution: str = "plain"         # speed switches (bench.execution)
 
     def check(self, where: str, prefix: str) -> None:
-        _positive(self, where, prefix, ("batch_size",))
-        if not 0 <= self.seed < 2 ** 32:  # numpy's RandomState (KID subsets) takes seeds below 2**32
-            raise BenchError(f"{where}: {prefix}.seed must lie in 0..{2 ** 32 - 1}, got {self.seed}")
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BenchError(f"{where}: {prefix}.seed must lie in 0..{MAX_SEED}, got {self.seed}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BenchError(f"{where}: {prefix}.device must be 'cpu' or 'cuda', got {self.device!r}")
         try:
@@ -162,6 +166,7 @@ class MetricsSection:
 
     def check(self, where: str, prefix: str) -> None:
         _positive(self, where, prefix, ("pr_k", "dc_k", "kid_subset_size", "kid_subsets"))
+        _positive(self, where, prefix, ("kid_subsets",), maximum=10_000)
 
     def overridden(self, overrides: dict) -> "MetricsSection":
         return MetricsSection(**{**self.__dict__, **overrides})
@@ -190,8 +195,9 @@ class TimingSection:
     batch_size: int = 64
 
     def check(self, where: str, prefix: str) -> None:
-        _positive(self, where, prefix, ("repeats", "batch_size"))
-        _positive(self, where, prefix, ("warmup",), 0)
+        _positive(self, where, prefix, ("repeats",), maximum=MAX_REPEATS)
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        _positive(self, where, prefix, ("warmup",), 0, MAX_REPEATS)
 
 
 @dataclass(frozen=True)
@@ -219,9 +225,15 @@ class SweepEntry:
         from .samplers import SamplerSettings
         from .samplers.registry import sampler_class
         try:
-            sampler_class(self.sampler)
+            cls = sampler_class(self.sampler)
         except BenchError as e:
             raise BenchError(f"{where}: {prefix}.sampler: {e}") from None
+        # a value the sampler would ignore is refused, never dropped while the row's label shows it
+        if self.steps is not None and not cls.takes_steps:
+            raise BenchError(f"{where}: {prefix}.steps: sampler {self.sampler!r} takes no steps; remove the key")
+        if not cls.takes_temperature and (self.top_k, self.top_p, self.temperature) != (None, None, (1.0,)):
+            raise BenchError(f"{where}: {prefix}: sampler {self.sampler!r} draws no tokens from a network; "
+                             f"temperature, top_k and top_p do not apply")
         if self.steps is not None and len(set(self.steps)) != len(self.steps):
             raise BenchError(f"{where}: {prefix}.steps = {list(self.steps)} repeats a value")
         if len(set(self.temperature)) != len(self.temperature):
@@ -262,6 +274,7 @@ class DatasetConfig:
         if self.kind not in DATASET_KINDS:
             raise BenchError(f"{where}: {prefix}.kind = {self.kind!r}; expected one of {DATASET_KINDS}")
         _positive(self, where, prefix, ("resolution", "channels", "num_samples", "batch_size", "heldout_size"))
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
         if self.channels not in (1, 3):
             raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
         for key in self.priors:

@@ -146,8 +146,9 @@ def run_perf(models: PerfModels, rows: list[PerfRow], warmup: int, repeats: int,
              progress: bool = True) -> dict:
     from tqdm import tqdm
     device = torch.device(device)
-    for row in rows:
+    for row in rows:  # every row's settings before any is timed
         row.execution.check_device(device)
+        make_sampler(row.settings.sampler, models.priors, models.tokenizer, row.execution).check(row.settings)
     peaks = matmul_peaks(device)
     out = [time_row(models, row, warmup, repeats, device, peaks)
            for row in tqdm(rows, desc="perf", disable=not progress)]

@@ -433,6 +433,10 @@ def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None,
         raise BenchError(f"--num {num} is more than one file holds ({MAX_SAMPLES:,}); draw them in parts with "
                          f"--first-index")
     cls = sampler_class(name)
+    if steps is not None and not cls.takes_steps:
+        raise BenchError(f"sampler {name!r} takes no --steps")
+    if not cls.takes_temperature and (top_k, top_p) != (None, None):
+        raise BenchError(f"sampler {name!r} draws no tokens from a network: --top-k and --top-p do not apply")
     settings = cls.settings(steps, temperature, top_k, top_p)
     dev = torch.device(device)
     execution = Execution.parse(execution)

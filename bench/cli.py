@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import BenchError
-from .limits import MAX_BATCH, MAX_REPEATS, MAX_SEED, MAX_THREADS
+from .limits import MAX_BATCH, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED, MAX_THREADS
 
 
 def _close_progress_bars() -> None:
@@ -367,7 +367,7 @@ def _config_if_any(config_path):
 @click.option("--extractor", "extractor_name", required=True,
               help="digits, inception-v3-compat, clip or dinov2")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz to write")
-@click.option("--resolution", type=click.IntRange(min=1), default=None,
+@click.option("--resolution", type=click.IntRange(1, MAX_RESOLUTION), default=None,
               help="Images are resized (shorter side) and centre-cropped to this side  [default: the extractor's "
                    "input size (digits: 16); for extractors that resize themselves, the first image's shorter "
                    "side, so same-sized square images pass unchanged]")

@@ -19,7 +19,7 @@ from pathlib import Path
 from .data import DATASET_KINDS, DigitsSource, FileSource
 from .errors import BenchError
 from .execution import Execution
-from .limits import MAX_BATCH, MAX_REPEATS, MAX_SEED
+from .limits import MAX_BATCH, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED
 from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
@@ -275,6 +275,7 @@ class DatasetConfig:
             raise BenchError(f"{where}: {prefix}.kind = {self.kind!r}; expected one of {DATASET_KINDS}")
         _positive(self, where, prefix, ("resolution", "channels", "num_samples", "batch_size", "heldout_size"))
         _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        _positive(self, where, prefix, ("resolution",), maximum=MAX_RESOLUTION)
         if self.channels not in (1, 3):
             raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
         for key in self.priors:

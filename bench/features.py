@@ -375,6 +375,9 @@ def features_of_folder(images_dir, extractor_name: str, out: Path, resolution: i
     ext = load_extractor(extractor_name, device, weights_path=weights)
     if channels not in ext.channels:
         raise BenchError(f"extractor {ext.name!r} takes {ext.channels} channels, not {channels}")
+    if resolution is not None and ext.resolution is not None and resolution != ext.resolution:
+        raise BenchError(f"extractor {ext.name!r} takes {ext.resolution}px images; --resolution {resolution} "
+                         f"does not fit it (leave it out)")
     resolution = resolution or ext.resolution
     if resolution is None:  # an extractor that resizes itself: keep same-sized square images unchanged
         first = FolderImages(images_dir, resolution=1, channels=channels).files[0]

@@ -567,6 +567,11 @@ CASES = [
                                       10 ** 6, "--out", "f.npz"), r"'--resolution'"),
     Case("features-resolution-not-the-extractors", ("features", "data/train", "--extractor", "digits", "--resolution",
                                                     64, "--out", "f.npz"), r"'digits' takes 16px.*--resolution 64"),
+    Case("features-device-cuda-absent", ("features", "data/train", "--extractor", "digits", "--device", "cuda",
+                                         "--out", "f.npz"), r"--device cuda.*no CUDA"),
+    Case("perf-device-cuda-absent", ("perf", "--device", "cuda", "--out", "p"), r"--device cuda.*no CUDA"),
+    Case("sample-device-cuda-absent", ("sample", "--sampler", "absorbing", "--steps", 1, "--device", "cuda",
+                                       "--out", "s.npz"), r"--device cuda.*no CUDA"),
     Case("features-unknown-extractor", ("features", "data/train", "--extractor", "eyes", "--out", "f.npz"), r"'eyes'"),
     # --- bench score
     Case("score-npy", ("score", "a.npy", "b.npz"), r"a\.npy is a \.npy array",

@@ -340,6 +340,8 @@ def check(run_dir, dataset, baseline, as_json, config_path):
     except BenchError:
         if baseline != "baseline":
             raise
+    if base is not None:
+        load_run(base)  # a damaged baseline is bad input (exit 2), not a failed check
     result = check_run(run_dir, thresholds, base)
     if as_json:
         click.echo(json.dumps(result, indent=2))

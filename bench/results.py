@@ -192,6 +192,26 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
+# What tables, comparisons and checks read from a stored manifest: key -> (types, required).
+MANIFEST_TYPES = {"dataset": ((str,), True), "num_samples": ((int,), True), "extractor": ((str,), True),
+                  "seed": ((int, type(None)), False), "device": ((str, type(None)), False),
+                  "execution": ((str,), False), "kind": ((str,), False), "reference": ((dict,), False),
+                  "metrics": ((dict,), False), "hashes": ((dict,), False)}
+
+
+def check_manifest(m: dict, where: str) -> None:
+    for key, (types, required) in MANIFEST_TYPES.items():
+        if key not in m:
+            if required:
+                raise BenchError(f"{where}: the manifest lacks `{key}`")
+            continue
+        value = m[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join("null" if t is type(None) else {str: "a string", int: "an integer",
+                                                                 dict: "an object"}[t] for t in types)
+            raise BenchError(f"{where}: manifest `{key}` = {value!r}; expected {names}")
+
+
 def load_run(path: str | Path) -> tuple[dict, list[Row]]:
     """(manifest, rows) of a finished run (a directory holding results.json, or the file itself)."""
     path = Path(path)
@@ -199,6 +219,7 @@ def load_run(path: str | Path) -> tuple[dict, list[Row]]:
     data = read_json(f, "results file")
     if not isinstance(data, dict) or not isinstance(data.get("manifest"), dict) or not isinstance(data.get("rows"), list):
         raise BenchError(f"results file {f} must hold an object with `manifest` (an object) and `rows` (a list)")
+    check_manifest(data["manifest"], f"results file {f}")
     rows = [Row.from_dict(r, str(f)) for r in data["rows"]]
     for r in rows:
         if not r.slug:

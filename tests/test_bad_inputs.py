@@ -617,6 +617,11 @@ CASES = [
          r"longer than 255 bytes"),
     Case("train-seed-negative", ("train", "--model", "extractor", "--seed", -3, "--out", "m"), r"'--seed'"),
     Case("train-threads-huge", ("train", "--model", "extractor", "--threads", 10 ** 6, "--out", "m"), r"'--threads'"),
+    Case("train-resume-garbage", ("train", "--model", "absorbing", "--out", "m", "--resume", "--steps", 1),
+         r"resume state m\.resume\.pt is unreadable", lambda r: (r / "m.resume.pt").write_text("state")),
+    Case("train-resume-foreign", ("train", "--model", "absorbing", "--out", "m", "--resume", "--steps", 1),
+         r"resume state m\.resume\.pt is not one `bench train` wrote",
+         lambda r: __import__("torch").save({"step": 3}, r / "m.resume.pt")),
     Case("train-unknown-model", ("train", "--model", "gan", "--out", "m"), r"--model 'gan'"),
     Case("train-not-digits", ("train", "--dataset", "fd", "--model", "vq", "--out", "m"), r"digits data only"),
     # --- bench convert

@@ -313,14 +313,15 @@ def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, 
     """Official files -> bench checkpoints <out_dir>/vq, <out_dir>/absorbing, <out_dir>/autoregressive
     (safetensors + JSON). Everything is loaded and checked before anything is written.
     -> {kind: (stem written, official file name)}."""
+    out = Path(out_dir)
+    paths = {"vq": vqgan_path, "absorbing": absorbing_path, "autoregressive": autoregressive_path}
+    for kind in (k for k, p in paths.items() if p is not None):  # the outputs first: loading can take minutes
+        check_writable(out / f"{kind}.safetensors", force)
+        check_writable(out / f"{kind}.json", force)
     loaded = {"vq": load_official_vq(vqgan_path, hparams, trust)}
     for kind, path in (("absorbing", absorbing_path), ("autoregressive", autoregressive_path)):
         if path is not None:
             loaded[kind] = load_official_transformer(path, kind, hparams, trust)
-    out = Path(out_dir)
-    for kind in loaded:
-        check_writable(out / f"{kind}.safetensors", force)
-        check_writable(out / f"{kind}.json", force)
     written = {}
     for kind, (model, meta) in loaded.items():
         meta = {**meta, "source": {**meta["source"], "official_file": Path(meta["source"]["official_file"]).name}}

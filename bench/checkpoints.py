@@ -22,9 +22,11 @@ BUILTIN = "builtin:"
 def resolve(stem: str | os.PathLike) -> Path:
     """'builtin:digits/vq' -> bench/weights/digits/vq; paths are returned as given (no suffix)."""
     s = str(stem)
-    if s.startswith(BUILTIN):
-        return WEIGHTS_DIR / s[len(BUILTIN):]
-    return Path(s).with_suffix("") if s.endswith((".safetensors", ".json")) else Path(s)
+    path = WEIGHTS_DIR / s[len(BUILTIN):] if s.startswith(BUILTIN) else Path(s)
+    if path.name in ("", ".", ".."):
+        raise BenchError(f"checkpoint {s!r} names no file; expected a stem such as builtin:digits/vq or "
+                         f"path/to/model (for model.safetensors and model.json)")
+    return path.with_suffix("") if s.endswith((".safetensors", ".json")) else path
 
 
 def write_error(path, e: OSError) -> BenchError:

@@ -280,6 +280,9 @@ class DatasetConfig:
             raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
         for key in self.priors:
             check_plain_name(key, f"{where}: {prefix}.priors key")
+        for key, value in (("tokenizer", self.tokenizer), *((f"priors.{k}", v) for k, v in self.priors.items())):
+            if not value.strip():
+                raise BenchError(f"{where}: {prefix}.{key} is empty; name a checkpoint (e.g. builtin:digits/vq)")
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -342,7 +345,7 @@ class Config:
     profile: str | None = None
 
     def dataset(self, name: str | None) -> DatasetConfig:
-        name = name or self.run.dataset
+        name = self.run.dataset if name is None else name
         if name not in self.datasets:
             raise BenchError(f"unknown dataset {name!r}; {self.path} configures: {', '.join(sorted(self.datasets))}")
         return self.datasets[name]

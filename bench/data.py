@@ -306,6 +306,14 @@ def _lmdb_env(path: Path):
         env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=path.is_dir())
     except lmdb.Error as e:
         raise BenchError(f"{path} is not an LMDB ({e}); point the dataset's path in bench.toml at an LSUN LMDB") from e
+    # LMDB maps its file into memory: reading a page past the end of a truncated file kills the process
+    # (SIGBUS), so the file must hold every page its meta page counts
+    data_file = path / "data.mdb" if path.is_dir() else path
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if data_file.stat().st_size < need:
+        env.close()
+        raise BenchError(f"LMDB {path} is truncated: {data_file} holds {data_file.stat().st_size} bytes, its pages "
+                         f"need {need}; copy the database again")
     _LMDB_ENVS[key] = (os.getpid(), env)
     return env
 
@@ -327,8 +335,12 @@ class LmdbImages(_DecodedImages):
         self.on_corrupt = on_corrupt
         env = _lmdb_env(self.path)
         self.entries = env.stat()["entries"]
-        with env.begin() as txn:
-            self.keys = sorted(txn.cursor().iternext(keys=True, values=False))
+        import lmdb
+        try:
+            with env.begin() as txn:
+                self.keys = sorted(txn.cursor().iternext(keys=True, values=False))
+        except lmdb.Error as e:
+            raise BenchError(f"LMDB {self.path} is corrupt ({e}); copy the database again") from None
         if not self.keys:
             raise BenchError(f"LMDB {self.path} holds no records; check the dataset's path in bench.toml")
         self.skipped: list[bytes] = []
@@ -340,7 +352,11 @@ class LmdbImages(_DecodedImages):
                 raise BenchError(f"LMDB {self.path}: none of its {len(self.skipped)} records decode")
 
     def _value(self, txn, key: bytes) -> bytes:
-        value = txn.get(key)
+        import lmdb
+        try:
+            value = txn.get(key)
+        except lmdb.Error as e:
+            raise BenchError(f"LMDB {self.path} is corrupt at key {_key_name(key)!r} ({e}); copy the database again") from None
         if value is None:
             raise BenchError(f"LMDB {self.path} has no record for key {_key_name(key)!r}; the database changed after it was opened")
         return value

@@ -199,6 +199,21 @@ def image(root: Path, rel: str, array: np.ndarray | None = None, raw: bytes | No
     return p
 
 
+def lmdb_dataset(root: Path) -> Path:
+    """data/db: an LMDB of 40 PNG digits, the training and held-out split of dataset `l`."""
+    import lmdb
+    env = lmdb.open(str(root / "data" / "db"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, img in enumerate(digits_split("train").images[:40]):
+            buf = io.BytesIO()
+            Image.fromarray(img[..., 0]).save(buf, format="PNG")
+            txn.put(f"{i:04d}".encode(), buf.getvalue())
+    env.close()
+    append(root, FOLDER_DATASET.replace("datasets.fd", "datasets.l").replace('kind = "folder"', 'kind = "lsun"')
+           .replace('"data/train"', '"data/db"').replace('"data/heldout"', '"data/db"'))
+    return root / "data" / "db"
+
+
 def feature_file(root: Path, name: str, **arrays) -> Path:
     base = {"features": np.random.default_rng(0).normal(size=(20, 4)), "extractor": np.array("digits"),
             "weights_sha256": np.array("ab" * 32)}
@@ -420,6 +435,13 @@ CASES = [
          lambda r: ((r / "data" / "notlmdb").write_text("x"), append(r, FOLDER_DATASET.replace(
              "datasets.fd", "datasets.l").replace('kind = "folder"', 'kind = "lsun"').replace(
              '"data/train"', '"data/notlmdb"')))),
+    Case("run-lmdb-truncated", ("run", "--dataset", "l"), r"LMDB data/db is truncated",
+         lambda r: (lambda f: f.write_bytes(f.read_bytes()[:9000]))(lmdb_dataset(r) / "data.mdb")),
+    Case("run-lmdb-one-page", ("run", "--dataset", "l"), r"data/db",
+         lambda r: (lambda f: f.write_bytes(f.read_bytes()[:3000]))(lmdb_dataset(r) / "data.mdb")),
+    Case("run-lmdb-corrupt-page", ("run", "--dataset", "l"), r"LMDB data/db .*corrupt",
+         lambda r: (lambda f: f.write_bytes(f.read_bytes()[:8192] + b"\xff" * (len(f.read_bytes()) - 8192)))(
+             lmdb_dataset(r) / "data.mdb")),
     # --- images
     Case("image-16-bit-png", ("run", "--samplers", "data"), r"data/train/zz\.png.*mode 'I(;16)?'.*8-bit",
          lambda r: image(r, "data/train/zz.png", np.full((16, 16), 40000, np.uint16))),

@@ -1,6 +1,7 @@
 """The `bench` command line. Exit codes: 0 success, 1 a check failed, 2 bad input or usage."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -28,6 +29,15 @@ def _user_errors(fn):
         except BenchError as e:
             _close_progress_bars()
             click.echo("error: " + " ".join(str(e).split("\n")), err=True)  # one line, whatever a library said
+            sys.exit(2)
+        except OSError as e:
+            # a path given on the command line or in bench.toml fails every stat() the same way, wherever
+            # it is first looked at
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            _close_progress_bars()
+            click.echo(f"error: the path {e.filename} is too long for the file system (a name over 255 bytes)",
+                       err=True)
             sys.exit(2)
     return wrapper
 

@@ -371,7 +371,7 @@ def features_of_folder(images_dir, extractor_name: str, out: Path, resolution: i
     from PIL import Image
     from .checkpoints import atomic_write_bytes, check_writable
     from .data import FolderImages
-    from .protocol import check_device
+    from .execution import check_device
     check_writable(Path(out), force)
     check_device(torch.device(device))
     ext = load_extractor(extractor_name, device, weights_path=weights)

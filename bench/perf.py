@@ -237,7 +237,7 @@ def run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_siz
     """`bench perf`: the models (a dataset's or a named shape's), the rows, the timing, the files.
     -> (Markdown table, output folder)."""
     from pathlib import Path
-    from .protocol import check_device
+    from .execution import check_device
     device = torch.device(device or cfg.run.device)
     check_device(device)
     out = Path(out) if out else cfg.results_dir() / "perf" / time.strftime("%Y%m%d-%H%M%S")

@@ -26,7 +26,7 @@ from .checkpoints import atomic_write_bytes
 from .config import Config, DatasetConfig, RunSettings
 from .data import HashCache, iterate_batches
 from .errors import BenchError
-from .execution import Execution
+from .execution import Execution, check_device
 from .features import Extractor, extract_features, load_extractor
 from .loading import PRIOR_KINDS, Prior, Tokenizer, load_prior, load_tokenizer
 from .metrics import cleanfid_cross_check, compute_metrics, min_samples
@@ -38,11 +38,6 @@ from .timing import device_name, time_phases
 HELDOUT_ROWS = ("data", "reconstruction")   # held-out real images, and through the dataset's tokenizer
 GRID_SIZE = 64
 MAX_SAMPLES = 10_000_000   # features of one row are held in memory: 10M x 2048 float64 is 160 GB already
-
-
-def check_device(device: torch.device) -> None:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
 
 
 # ----------------------------------------------------------------------------- models

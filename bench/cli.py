@@ -62,6 +62,8 @@ class _UsageError(click.ClickException):
 
 
 class BenchGroup(click.Group):
+    """The command group; its usage errors come out as _UsageError."""
+
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)

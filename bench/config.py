@@ -19,7 +19,7 @@ from pathlib import Path
 from .data import DATASET_KINDS, DigitsSource, FileSource
 from .errors import BenchError
 from .execution import Execution
-from .limits import MAX_BATCH, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED
+from .limits import MAX_BATCH, MAX_KID_SUBSETS, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED
 from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
@@ -166,7 +166,7 @@ class MetricsSection:
 
     def check(self, where: str, prefix: str) -> None:
         _positive(self, where, prefix, ("pr_k", "dc_k", "kid_subset_size", "kid_subsets"))
-        _positive(self, where, prefix, ("kid_subsets",), maximum=10_000)
+        _positive(self, where, prefix, ("kid_subsets",), maximum=MAX_KID_SUBSETS)
 
     def overridden(self, overrides: dict) -> "MetricsSection":
         return MetricsSection(**{**self.__dict__, **overrides})

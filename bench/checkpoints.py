@@ -22,16 +22,42 @@ BUILTIN = "builtin:"
 def resolve(stem: str | os.PathLike) -> Path:
     """'builtin:digits/vq' -> bench/weights/digits/vq; paths are returned as given (no suffix)."""
     s = str(stem)
-    if s.startswith(BUILTIN):
-        return WEIGHTS_DIR / s[len(BUILTIN):]
-    return Path(s).with_suffix("") if s.endswith((".safetensors", ".json")) else Path(s)
+    path = WEIGHTS_DIR / s[len(BUILTIN):] if s.startswith(BUILTIN) else Path(s)
+    if path.name in ("", ".", ".."):
+        raise BenchError(f"checkpoint {s!r} names no file; expected a stem such as builtin:digits/vq or "
+                         f"path/to/model (for model.safetensors and model.json)")
+    return path.with_suffix("") if s.endswith((".safetensors", ".json")) else path
 
 
 def write_error(path, e: OSError) -> BenchError:
     """One line naming the file for an OSError while writing it (a full disk says so)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return BenchError(f"cannot write {path}: disk full ({e.strerror or e}); free some space and rerun")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir under a file, or a file where a folder goes
+        return BenchError(f"cannot write {path}: a part of its path is a file, not a folder")
+    if e.errno == errno.ENAMETOOLONG:
+        return BenchError(f"cannot write {path}: the name is too long for the file system")
     return BenchError(f"cannot write {path} ({e.strerror or e})")
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """Every name on the path fits the file system (255 bytes): a longer one fails every stat()."""
+    too_long = [part for part in Path(path).parts if len(os.fsencode(part)) > 255]
+    if too_long:
+        raise BenchError(f"cannot write {what}: the name {too_long[0][:40]}... is longer than 255 bytes")
+
+
+def check_folder(folder, what: str) -> None:
+    """`folder` is a folder or can be made one (nothing on its path is a file, no name is too long).
+    Checked before any work, so an impossible output never costs a computation. what: the thing to be
+    written there, for the message."""
+    folder = Path(folder)
+    check_name_lengths(folder, what)
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise BenchError(f"cannot write {what}: {p} is a file, not a folder")
+            return
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -64,12 +90,12 @@ def check_writable(path: Path, force: bool) -> None:
     """An output file may be written: it is not a folder or a symlink, and an existing one is replaced
     only with --force."""
     path = Path(path)
+    check_name_lengths(path, f"output {str(path)[:60]}")
     if path.is_symlink() or path.is_dir():
         raise BenchError(f"output {path} is a folder or a symlink; give a plain file path")
     if path.exists() and not force:
         raise BenchError(f"output {path} exists; pass --force to overwrite it or choose another path")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise BenchError(f"cannot write {path}: {path.parent} is not a folder")
+    check_folder(path.parent, f"output {path}")
 
 
 def save_checkpoint(stem: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
@@ -98,6 +124,8 @@ def load_checkpoint(stem: str | os.PathLike, kind: str | None = None) -> tuple[d
     path = resolve(stem)
     tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for f in (tensors_file, meta_file):
+        if f.exists() and not f.is_file():
+            raise BenchError(f"checkpoint file {f} is not a regular file; fix the path in bench.toml")
         if not f.is_file():
             raise BenchError(f"checkpoint file {f} not found; train it with `bench train` or fix the path in bench.toml")
     try:

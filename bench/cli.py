@@ -1,6 +1,7 @@
 """The `bench` command line. Exit codes: 0 success, 1 a check failed, 2 bad input or usage."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -8,6 +9,15 @@ from pathlib import Path
 import click
 
 from .errors import BenchError
+from .limits import MAX_BATCH, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED, MAX_THREADS
+
+
+def _close_progress_bars() -> None:
+    """Clear progress bars left open by an error, so that its line stands alone on a terminal."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 def _user_errors(fn):
@@ -17,9 +27,54 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BenchError as e:
-            click.echo(f"error: {e}", err=True)
+            _close_progress_bars()
+            click.echo("error: " + " ".join(str(e).split("\n")), err=True)  # one line, whatever a library said
+            sys.exit(2)
+        except OSError as e:
+            # a path given on the command line or in bench.toml fails every stat() the same way, wherever
+            # it is first looked at
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            _close_progress_bars()
+            click.echo(f"error: the path {e.filename} is too long for the file system (a name over 255 bytes)",
+                       err=True)
             sys.exit(2)
     return wrapper
+
+
+def _progress(quiet: bool = False) -> bool:
+    """Progress bars on a terminal only: in a log or a pipe they are noise around the lines that matter."""
+    return not quiet and sys.stderr.isatty()
+
+
+class _UsageError(click.ClickException):
+    """A click usage error (a bad option value, a missing option) shown as one `error:` line with exit
+    code 2, like every other bad input."""
+    exit_code = 2
+
+    def __init__(self, e: click.ClickException):
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        super().__init__(f"{e.format_message()}{hint}")
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class BenchGroup(click.Group):
+    """The command group; its usage errors come out as _UsageError."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as e:
+            raise e if isinstance(e, _UsageError) else _UsageError(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            raise e if isinstance(e, _UsageError) else _UsageError(e) from None
 
 
 def _int_list_of(minimum: int):
@@ -42,6 +97,13 @@ def _int_list_of(minimum: int):
 _int_list, _seed_list = _int_list_of(1), _int_list_of(0)
 
 
+def _batch_list(ctx, param, value):
+    out = _int_list(ctx, param, value)
+    if out is not None and max(out) > MAX_BATCH:
+        raise click.BadParameter(f"batch sizes go up to {MAX_BATCH}, got {max(out)}")
+    return out
+
+
 def _str_list(ctx, param, value):
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -52,7 +114,7 @@ profile_option = click.option("--profile", default=None, help="Overlay [profiles
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 
 
-@click.group()
+@click.group(cls=BenchGroup)
 @click.version_option(package_name="bench")
 def main():
     """Evaluate absorbing-diffusion and autoregressive token priors under one protocol."""
@@ -82,7 +144,7 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
     from .distributed import from_env
     from .protocol import run as run_protocol
     settings = run_settings(load_config(config_path, profile), dataset, samplers, steps, num_samples, device,
-                            execution, run_name, resume, force, not quiet, seeds)
+                            execution, run_name, resume, force, _progress(quiet), seeds)
     run_dir = run_protocol(settings)
     if from_env().is_main:  # under torchrun, rank 0 wrote the results and reports them
         click.echo((run_dir / "results.md").read_text())
@@ -94,11 +156,11 @@ def run(dataset, config_path, profile, samplers, steps, num_samples, device, exe
 @click.option("--model", required=True, help="What to train: vq, the absorbing or autoregressive prior, or extractor")
 @click.option("--out", default=None, help="Checkpoint stem to write: STEM.safetensors, STEM.json (priors: STEM.resume.pt)")
 @click.option("--replace-shipped", is_flag=True, help="Allow writing the shipped builtin:<dataset>/<model> (the default --out).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Training steps; priors: the most, early stopping may end sooner  [default: the shipped recipe]")
 @click.option("--resume", is_flag=True, help="Continue a prior's training from STEM.resume.pt.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads  [default: torch's]")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch threads  [default: torch's]")
 @config_option
 @_user_errors
 def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, config_path):
@@ -111,7 +173,7 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
     out = training.check_output(out, dataset, model, replace_shipped)
     if threads:
         torch.set_num_threads(threads)
-    record = training.train_model(cfg, ds, model, out, seed, steps, resume=resume)
+    record = training.train_model(cfg, ds, model, out, seed, steps, progress=_progress(), resume=resume)
     click.echo(f"wrote {out}: {record}")
 
 
@@ -123,10 +185,10 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--num", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample indices first-index .. first-index+num-1")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: run.execution, plain]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
@@ -141,7 +203,7 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
     cfg = load_config(config_path)
     line = sample_to_file(cfg, cfg.dataset(dataset), sampler, steps, temperature, top_k, top_p, num, seed,
                           first_index, batch_size, device or cfg.run.device, execution or cfg.run.execution,
-                          Path(out), force)
+                          Path(out), force, _progress())
     click.echo(line)
 
 
@@ -205,12 +267,12 @@ def convert(source, vqgan, absorbing, autoregressive, preset, hparams_file, out,
 @click.option("--steps", callback=_int_list, default=None, help="Step counts of step-taking samplers  [default: 1,4,16,64 or 50,256]")
 @click.option("--execution", "executions", multiple=True, default=("plain",), show_default=True,
               help="Speed switches (bench/execution.py), e.g. plain, fast, bf16+skip-idle; repeat to time several.")
-@click.option("--batch-size", callback=_int_list, default=None, help="Comma-separated batch sizes  [default: timing.batch_size]")
+@click.option("--batch-size", callback=_batch_list, default=None, help="Comma-separated batch sizes  [default: timing.batch_size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--features/--no-features", default=True, show_default=True,
               help="Time feature extraction too (the dataset's extractor; inception-v3-compat for --shape).")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="[default: timing.warmup]")
-@click.option("--repeats", type=click.IntRange(min=1), default=None, help="[default: timing.repeats]")
+@click.option("--warmup", type=click.IntRange(0, MAX_REPEATS), default=None, help="[default: timing.warmup]")
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=None, help="[default: timing.repeats]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json/csv/md  [default: <results_dir>/perf/<timestamp>]")
 @click.option("--estimate-samples", type=click.IntRange(min=1), default=50000, show_default=True,
@@ -225,7 +287,8 @@ def perf(dataset, shape, samplers, steps, executions, batch_size, device, featur
     from .perf import run_perf_command
     cfg = load_config(config_path)
     text, out = run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_size, device, features,
-                                 warmup, repeats, Path(out) if out else None, estimate_samples, force)
+                                 warmup, repeats, Path(out) if out else None, estimate_samples, force,
+                                 progress=_progress())
     click.echo(text)
     click.echo(f"wrote {out}")
 
@@ -297,6 +360,8 @@ def check(run_dir, dataset, baseline, as_json, config_path):
     except BenchError:
         if baseline != "baseline":
             raise
+    if base is not None:
+        load_run(base)  # a damaged baseline is bad input (exit 2), not a failed check
     result = check_run(run_dir, thresholds, base)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -324,13 +389,13 @@ def _config_if_any(config_path):
 @click.option("--extractor", "extractor_name", required=True,
               help="digits, inception-v3-compat, clip or dinov2")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz to write")
-@click.option("--resolution", type=click.IntRange(min=1), default=None,
+@click.option("--resolution", type=click.IntRange(1, MAX_RESOLUTION), default=None,
               help="Images are resized (shorter side) and centre-cropped to this side  [default: the extractor's "
                    "input size (digits: 16); for extractors that resize themselves, the first image's shorter "
                    "side, so same-sized square images pass unchanged]")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True,
               help="Decode as grey (1) or RGB (3)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--weights", default=None,
               help="Extractor weights (digits: a checkpoint stem)  [default: inception: metrics.inception_weights, $BENCH_INCEPTION_WEIGHTS "
@@ -350,7 +415,7 @@ def features_command(images_dir, extractor_name, out, resolution, channels, batc
     if weights is None and cfg is not None:
         weights = cfg.extractor_weights(extractor_name)
     click.echo(features_of_folder(images_dir, extractor_name, Path(out), resolution, int(channels), batch_size,
-                                  device, weights, not quiet, force))
+                                  device, weights, _progress(quiet), force))
 
 
 @main.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 from .data import DATASET_KINDS, SOURCES
 from .errors import BenchError
 from .execution import Execution
+from .limits import MAX_BATCH, MAX_KID_SUBSETS, MAX_REPEATS, MAX_RESOLUTION, MAX_SEED
 from .paths import check_plain_name, expand_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "bench.toml"
@@ -120,12 +121,15 @@ def build(cls, table, where: str, prefix: str, extra: dict | None = None):
     return obj
 
 
-def _positive(obj, where: str, prefix: str, names: tuple[str, ...], minimum: int = 1) -> None:
+def _positive(obj, where: str, prefix: str, names: tuple[str, ...], minimum: int = 1,
+              maximum: int | None = None) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < minimum:
             expected = "positive" if minimum == 1 else f">= {minimum}"
             raise BenchError(f"{where}: {prefix}.{name} must be {expected}, got {value}")
+        if value is not None and maximum is not None and value > maximum:
+            raise BenchError(f"{where}: {prefix}.{name} must be at most {maximum:,}, got {value:,}")
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,9 @@ class RunSection:
     execution: str = "plain"         # speed switches (bench.execution)
 
     def check(self, where: str, prefix: str) -> None:
-        _positive(self, where, prefix, ("batch_size",))
-        _positive(self, where, prefix, ("seed",), 0)
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BenchError(f"{where}: {prefix}.seed must lie in 0..{MAX_SEED}, got {self.seed}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BenchError(f"{where}: {prefix}.device must be 'cpu' or 'cuda', got {self.device!r}")
         try:
@@ -165,6 +170,7 @@ class MetricsSection:
         if 0 < self.bootstrap_resamples < 40:
             raise BenchError(f"{where}: {prefix}.bootstrap_resamples = {self.bootstrap_resamples} is too few for a "
                              f"95% interval; use at least 40 (500 recommended) or 0 for none")
+        _positive(self, where, prefix, ("kid_subsets",), maximum=MAX_KID_SUBSETS)
 
     def overridden(self, overrides: dict) -> "MetricsSection":
         return MetricsSection(**{**self.__dict__, **overrides})
@@ -193,8 +199,9 @@ class TimingSection:
     batch_size: int = 64
 
     def check(self, where: str, prefix: str) -> None:
-        _positive(self, where, prefix, ("repeats", "batch_size"))
-        _positive(self, where, prefix, ("warmup",), 0)
+        _positive(self, where, prefix, ("repeats",), maximum=MAX_REPEATS)
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        _positive(self, where, prefix, ("warmup",), 0, MAX_REPEATS)
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,17 @@ class SweepEntry:
 
     def check(self, where: str, prefix: str) -> None:
         from .samplers import SamplerSettings
+        from .samplers.registry import sampler_class
+        try:
+            cls = sampler_class(self.sampler)
+        except BenchError as e:
+            raise BenchError(f"{where}: {prefix}.sampler: {e}") from None
+        # a value the sampler would ignore is refused, never dropped while the row's label shows it
+        if self.steps is not None and not cls.takes_steps:
+            raise BenchError(f"{where}: {prefix}.steps: sampler {self.sampler!r} takes no steps; remove the key")
+        if not cls.takes_temperature and (self.top_k, self.top_p, self.temperature) != (None, None, (1.0,)):
+            raise BenchError(f"{where}: {prefix}: sampler {self.sampler!r} draws no tokens from a network; "
+                             f"temperature, top_k and top_p do not apply")
         if self.steps is not None and len(set(self.steps)) != len(self.steps):
             raise BenchError(f"{where}: {prefix}.steps = {list(self.steps)} repeats a value")
         if len(set(self.temperature)) != len(self.temperature):
@@ -260,10 +278,15 @@ class DatasetConfig:
         if self.kind not in DATASET_KINDS:
             raise BenchError(f"{where}: {prefix}.kind = {self.kind!r}; expected one of {DATASET_KINDS}")
         _positive(self, where, prefix, ("resolution", "channels", "num_samples", "batch_size", "heldout_size"))
+        _positive(self, where, prefix, ("batch_size",), maximum=MAX_BATCH)
+        _positive(self, where, prefix, ("resolution",), maximum=MAX_RESOLUTION)
         if self.channels not in (1, 3):
             raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
         for key in self.priors:
             check_plain_name(key, f"{where}: {prefix}.priors key")
+        for key, value in (("tokenizer", self.tokenizer), *((f"priors.{k}", v) for k, v in self.priors.items())):
+            if not value.strip():
+                raise BenchError(f"{where}: {prefix}.{key} is empty; name a checkpoint (e.g. builtin:digits/vq)")
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -315,7 +338,7 @@ class Config:
     profile: str | None = None
 
     def dataset(self, name: str | None) -> DatasetConfig:
-        name = name or self.run.dataset
+        name = self.run.dataset if name is None else name
         if name not in self.datasets:
             raise BenchError(f"unknown dataset {name!r}; {self.path} configures: {', '.join(sorted(self.datasets))}")
         return self.datasets[name]
@@ -396,6 +419,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
         overlay = profiles[profile]
         _check_overlay(overlay, where, f"profiles.{profile}")
         raw = _merge(raw, overlay)
+        where = f"{where} with --profile {profile}"  # the merged values are checked below
     for key in ("run", "metrics", "timing", "datasets", "thresholds"):
         if not isinstance(raw.get(key, {}), dict):
             raise BenchError(f"{where}: {key} must be a table")
@@ -448,13 +472,16 @@ def run_settings(cfg: Config, dataset: str | None = None, samplers=None, steps=N
     if run_name is not None:
         check_plain_name(run_name, "--run-name")
     seeds = tuple(seeds) if seeds else (cfg.run.seed,)
-    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise BenchError(f"--seeds {','.join(map(str, seeds))}: expected distinct integers >= 0")
+    if len(set(seeds)) != len(seeds) or any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise BenchError(f"--seeds {','.join(map(str, seeds))}: expected distinct integers in 0..{MAX_SEED}")
+    from .checkpoints import check_folder
+    cache_dir = cfg.cache_dir()
+    check_folder(cache_dir, f"the cache {cache_dir} (run.cache_dir of {cfg.path})")
     return RunSettings(
         config=cfg, dataset=ds, samplers=tuple(samplers) if samplers is not None else None,
         steps=tuple(steps) if steps is not None else None, num_samples=n,
         seed=seeds[0], seeds=seeds, device=device or cfg.run.device,
         batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.run.execution),
         metrics=cfg.metrics.overridden(ds.overrides.as_dict()), timing=cfg.timing,
-        results_dir=cfg.results_dir(), cache_dir=cfg.cache_dir(), run_name=run_name, resume=resume, force=force,
+        results_dir=cfg.results_dir(), cache_dir=cache_dir, run_name=run_name, resume=resume, force=force,
         progress=progress)

@@ -32,9 +32,10 @@ EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB",
 
 
 class HashCache:
-    """sha256 of files' bytes, remembered by (path, size, mtime) in a JSON file, so a large dataset is
-    read once to key its reference features and not again while its files stay unchanged. `reads`
-    counts the files actually read (the tests count it)."""
+    """sha256 of files' bytes, remembered by path and (size, mtime, inode, ctime) in a JSON file, so a
+    large dataset is read once to key its reference features and not again while its files stay
+    unchanged. The inode and ctime catch a replacement that restores the old size and mtime (cp -p,
+    touch -r), which nobody can set back. `reads` counts the files actually read (the tests count it)."""
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path is not None else None
@@ -50,10 +51,10 @@ class HashCache:
     def sha256(self, file: Path) -> str:
         st = file.stat()
         key = str(file.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         known = self.entries.get(key)
-        if isinstance(known, list) and len(known) == 3 and known[:2] == stamp and isinstance(known[2], str):
-            return known[2]
+        if isinstance(known, list) and len(known) == 5 and known[:4] == stamp and isinstance(known[4], str):
+            return known[4]
         h = hashlib.sha256()
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -196,12 +197,19 @@ def _validate_on_corrupt(on_corrupt: str):
 
 def _progress(items, what: str, enabled: bool):
     from tqdm import tqdm
-    return tqdm(items, desc=f"verifying {what}", unit="img", disable=not enabled, leave=False)
+    # None: tqdm shows the bar on a terminal only
+    return tqdm(items, desc=f"verifying {what}", unit="img", disable=None if enabled else True, leave=False)
 
 
-def list_image_files(root: Path) -> list[Path]:
-    """Every image file under root, recursively, sorted by relative path (as a POSIX string)."""
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+def list_image_files(root: Path, odd: list[Path] | None = None) -> list[Path]:
+    """Every image file under root, recursively, sorted by relative path (as a POSIX string). Names
+    with an image extension that are not regular files (a broken symlink, a pipe) are left out and,
+    where `odd` is given, appended to it, so that they are never dropped unsaid."""
+    files = []
+    for p in root.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir():
+            continue
+        (files if p.is_file() else odd if odd is not None else []).append(p)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -235,12 +243,16 @@ class FolderImages(_DecodedImages):
             raise BenchError(f"dataset path {self.root} is not a directory; point the dataset's path in bench.toml at a folder of images")
         self.preprocess = _Preprocess(resolution, channels)
         self.on_corrupt = on_corrupt
-        self.files = list_image_files(self.root)
+        odd: list[Path] = []
+        self.files = list_image_files(self.root, odd)
+        if odd and on_corrupt == "error":
+            raise BenchError(f"dataset file {odd[0]} is not a regular file (a broken symlink, a pipe, a device); "
+                             f"replace or delete it, or set on_corrupt = \"skip\"")
         if not self.files:
             raise BenchError(f"dataset folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the dataset's path in bench.toml")
-        self.skipped: list[Path] = []
+        self.skipped: list[Path] = sorted(odd)
         if on_corrupt == "skip":
-            self.skipped = self.verify()
+            self.skipped += self.verify()
             bad = set(self.skipped)
             self.files = [p for p in self.files if p not in bad]
             if not self.files:
@@ -294,6 +306,14 @@ def _lmdb_env(path: Path):
         env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=path.is_dir())
     except lmdb.Error as e:
         raise BenchError(f"{path} is not an LMDB ({e}); point the dataset's path in bench.toml at an LSUN LMDB") from e
+    # LMDB maps its file into memory: reading a page past the end of a truncated file kills the process
+    # (SIGBUS), so the file must hold every page its meta page counts
+    data_file = path / "data.mdb" if path.is_dir() else path
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if data_file.stat().st_size < need:
+        env.close()
+        raise BenchError(f"LMDB {path} is truncated: {data_file} holds {data_file.stat().st_size} bytes, its pages "
+                         f"need {need}; copy the database again")
     _LMDB_ENVS[key] = (os.getpid(), env)
     return env
 
@@ -315,8 +335,12 @@ class LmdbImages(_DecodedImages):
         self.on_corrupt = on_corrupt
         env = _lmdb_env(self.path)
         self.entries = env.stat()["entries"]
-        with env.begin() as txn:
-            self.keys = sorted(txn.cursor().iternext(keys=True, values=False))
+        import lmdb
+        try:
+            with env.begin() as txn:
+                self.keys = sorted(txn.cursor().iternext(keys=True, values=False))
+        except lmdb.Error as e:
+            raise BenchError(f"LMDB {self.path} is corrupt ({e}); copy the database again") from None
         if not self.keys:
             raise BenchError(f"LMDB {self.path} holds no records; check the dataset's path in bench.toml")
         self.skipped: list[bytes] = []
@@ -328,7 +352,11 @@ class LmdbImages(_DecodedImages):
                 raise BenchError(f"LMDB {self.path}: none of its {len(self.skipped)} records decode")
 
     def _value(self, txn, key: bytes) -> bytes:
-        value = txn.get(key)
+        import lmdb
+        try:
+            value = txn.get(key)
+        except lmdb.Error as e:
+            raise BenchError(f"LMDB {self.path} is corrupt at key {_key_name(key)!r} ({e}); copy the database again") from None
         if value is None:
             raise BenchError(f"LMDB {self.path} has no record for key {_key_name(key)!r}; the database changed after it was opened")
         return value

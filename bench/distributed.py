@@ -47,24 +47,37 @@ class Dist:
 SINGLE = Dist()
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None, low: int, high: int | None = None) -> int:
+    """An integer torchrun sets, in low..high; default where it is unset (None: it must be set)."""
     value = os.environ.get(name)
     if value is None:
+        if default is None:
+            raise BenchError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} asks for several processes, but {name} is "
+                             f"not set; start them with torchrun, which sets it")
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise BenchError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+    if number < low or (high is not None and number > high):
+        raise BenchError(f"environment variable {name}={number} is outside {low}..{'' if high is None else high} "
+                         f"(set by torchrun)")
+    return number
 
 
 def from_env() -> Dist:
-    """Rank and world size as torchrun sets them; a single process without them."""
-    world = _env_int("WORLD_SIZE", 1)
-    if world <= 1:
+    """Rank and world size as torchrun sets them, checked; a single process without them."""
+    world = _env_int("WORLD_SIZE", 1, 1)
+    if world == 1:
         return SINGLE
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if not 0 <= rank < world:
-        raise BenchError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+    rank = _env_int("RANK", None, 0, world - 1)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world, 1, world)
+    local = _env_int("LOCAL_RANK", 0, 0, local_world - 1)
+    # the env:// rendezvous of init_process_group reads these two
+    if not os.environ.get("MASTER_ADDR"):
+        raise BenchError(f"WORLD_SIZE={world} asks for several processes, but MASTER_ADDR is not set; "
+                         f"start them with torchrun, which sets it")
+    _env_int("MASTER_PORT", None, 1, 65535)
     return Dist(rank, world, local)
 
 

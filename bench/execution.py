@@ -109,3 +109,8 @@ class Network:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         return self.project(self.hidden(idx))
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")

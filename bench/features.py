@@ -24,6 +24,7 @@ import io
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from . import inception
 from .checkpoints import checkpoint_sha256, file_sha256, load_checkpoint, load_state_strict, resolve, save_checkpoint
 from .data import digits_labels, digits_split, to_float
-from .errors import BenchError
+from .errors import BenchError, reason
 
 DIGITS_STEM = "builtin:digits/extractor"
 DIGITS_RESOLUTION = 16
@@ -155,7 +156,14 @@ def train_digits_extractor(out_stem: str = DIGITS_STEM, seed: int = 0, epochs: i
 
 def load_digits_net(stem: str = DIGITS_STEM) -> tuple[DigitsNet, dict]:
     state, meta = load_checkpoint(stem, kind="extractor")
-    model = DigitsNet(**meta["hparams"])
+    hparams = meta.get("hparams")
+    try:
+        if not isinstance(hparams, dict):
+            raise TypeError("`hparams` must be an object")
+        model = DigitsNet(**hparams)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise BenchError(f"checkpoint {resolve(stem).with_suffix('.json')}: its hparams do not make a DigitsNet "
+                         f"({e})") from None
     load_state_strict(model, state, str(resolve(stem)))
     return model.eval(), meta
 
@@ -297,9 +305,11 @@ DINOV2_MODEL = "dinov2-vit-l-14"
 def _clip_extractor(device: str = "cpu", weights_path: str | None = None) -> Extractor:
     path = _weights_from_env("clip", weights_path, "BENCH_CLIP_WEIGHTS", "OpenAI's CLIP TorchScript file ViT-B-32.pt")
     try:
-        module = CLIPFeatureExtractor(CLIP_MODEL, ["clip"], feature_extractor_weights_path=path).to(device)
-    except (RuntimeError, KeyError) as e:
-        raise BenchError(f"clip extractor weights {path} are not OpenAI's ViT-B-32 TorchScript ({e})") from None
+        with warnings.catch_warnings():  # torch-fidelity reads the file with the deprecated torch.jit.load
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated")
+            module = CLIPFeatureExtractor(CLIP_MODEL, ["clip"], feature_extractor_weights_path=path).to(device)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise BenchError(f"clip extractor weights {path} are not OpenAI's ViT-B-32 TorchScript ({reason(e)})") from None
     return Extractor(name="clip", module=module, dim=module.model.visual.output_dim, weights_sha256=file_sha256(path),
                      resolution=None, channels=(1, 3), device=device)
 
@@ -361,10 +371,15 @@ def features_of_folder(images_dir, extractor_name: str, out: Path, resolution: i
     from PIL import Image
     from .checkpoints import atomic_write_bytes, check_writable
     from .data import FolderImages
+    from .execution import check_device
     check_writable(Path(out), force)
+    check_device(torch.device(device))
     ext = load_extractor(extractor_name, device, weights_path=weights)
     if channels not in ext.channels:
         raise BenchError(f"extractor {ext.name!r} takes {ext.channels} channels, not {channels}")
+    if resolution is not None and ext.resolution is not None and resolution != ext.resolution:
+        raise BenchError(f"extractor {ext.name!r} takes {ext.resolution}px images; --resolution {resolution} "
+                         f"does not fit it (leave it out)")
     resolution = resolution or ext.resolution
     if resolution is None:  # an extractor that resizes itself: keep same-sized square images unchanged
         first = FolderImages(images_dir, resolution=1, channels=channels).files[0]
@@ -395,9 +410,10 @@ def load_feature_file(path: str) -> dict:
     if p.exists() and not p.is_file():
         raise BenchError(f"feature file {path} is not a regular file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise BenchError(f"feature file {path} is a .npy array, not the .npz that `bench features` writes")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise BenchError(f"feature file {path} is a .npy array, not the .npz that `bench features` writes")
+        with f:
             data = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise BenchError(f"feature file {path} not found") from None

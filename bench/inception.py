@@ -32,7 +32,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 
 from .checkpoints import atomic_write_bytes, file_sha256
-from .errors import BenchError
+from .errors import BenchError, reason
 
 NAME = "inception-v3-compat"
 ENV_WEIGHTS = "BENCH_INCEPTION_WEIGHTS"
@@ -197,7 +197,7 @@ def load_inception(features_list=(str(POOL_DIM),), weights: InceptionWeights | N
     try:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise BenchError(f"Inception weights {weights.path} are not a readable tensor state dict ({e})") from None
+        raise BenchError(f"Inception weights {weights.path} are not a readable tensor state dict ({reason(e)})") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise BenchError(f"Inception weights {weights.path} do not hold torch-fidelity's inception-v3-compat state dict")
     if {"logits", "logits_unbiased"} & set(features_list) and torch.isnan(state["fc.weight"]).any():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import check_folder
 from .errors import BenchError
 from .execution import Execution
 from .loading import PRIOR_KINDS, Prior, Tokenizer, VQTokenizer
@@ -145,8 +146,9 @@ def run_perf(models: PerfModels, rows: list[PerfRow], warmup: int, repeats: int,
              progress: bool = True) -> dict:
     from tqdm import tqdm
     device = torch.device(device)
-    for row in rows:
+    for row in rows:  # every row's settings before any is timed
         row.execution.check_device(device)
+        make_sampler(row.settings.sampler, models.priors, models.tokenizer, row.execution).check(row.settings)
     peaks = matmul_peaks(device)
     out = [time_row(models, row, warmup, repeats, device, peaks)
            for row in tqdm(rows, desc="perf", disable=not progress)]
@@ -231,18 +233,17 @@ def write_perf(result: dict, out, estimate_samples: int | None = None) -> str:
 
 
 def run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_sizes, device, features, warmup,
-                     repeats, out, estimate_samples, force: bool = False):
+                     repeats, out, estimate_samples, force: bool = False, progress: bool = True):
     """`bench perf`: the models (a dataset's or a named shape's), the rows, the timing, the files.
     -> (Markdown table, output folder)."""
     from pathlib import Path
-    from .protocol import check_device
+    from .execution import check_device
     device = torch.device(device or cfg.run.device)
     check_device(device)
     out = Path(out) if out else cfg.results_dir() / "perf" / time.strftime("%Y%m%d-%H%M%S")
+    check_folder(out, f"--out {out}")
     if (out / "results.json").exists() and not force:
         raise BenchError(f"{out} already holds perf results; pass --force to overwrite them or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise BenchError(f"--out {out} is not a folder")
     models = random_models(shape, device) if shape else dataset_models(cfg, cfg.dataset(dataset), device)
     if features:
         name = "inception-v3-compat" if shape else cfg.dataset(dataset).extractor
@@ -250,5 +251,5 @@ def run_perf_command(cfg, dataset, shape, samplers, steps, executions, batch_siz
     rows = plan_rows(models, samplers, steps or ([50, 256] if shape else [1, 4, 16, 64]),
                      [Execution.parse(e) for e in executions], batch_sizes or [cfg.timing.batch_size])
     result = run_perf(models, rows, cfg.timing.warmup if warmup is None else warmup,
-                      repeats or cfg.timing.repeats, device)
+                      repeats or cfg.timing.repeats, device, progress)
     return write_perf(result, out, estimate_samples), out

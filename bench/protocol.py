@@ -26,7 +26,7 @@ from .checkpoints import atomic_write_bytes
 from .config import Config, DatasetConfig, RunSettings
 from .data import HashCache, iterate_batches
 from .errors import BenchError
-from .execution import Execution
+from .execution import Execution, check_device
 from .features import Extractor, extract_features, load_extractor
 from .loading import PRIOR_KINDS, Prior, Tokenizer, load_prior, load_tokenizer
 from .metrics import cleanfid_cross_check, compute_metrics, min_samples
@@ -39,11 +39,6 @@ from .timing import device_name, time_phases
 HELDOUT_ROWS = ("data", "reconstruction")   # held-out real images, and through the dataset's tokenizer
 GRID_SIZE = 64
 MAX_SAMPLES = 10_000_000   # features of one row are held in memory: 10M x 2048 float64 is 160 GB already
-
-
-def check_device(device: torch.device) -> None:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
 
 
 # ----------------------------------------------------------------------------- models
@@ -442,9 +437,9 @@ def _on_rank(settings: RunSettings, dist) -> RunSettings:
 
 def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: RunStore, done: dict,
               main: bool, progress: bool) -> None:
-    if main and pipe.hash_cache is not None:
-        pipe.hash_cache.save()
     ref, ref_key = reference_features(pipe, progress) if main else (None, None)
+    if main and pipe.hash_cache is not None:
+        pipe.hash_cache.save()  # once the training split has been read whole: a bad image leaves no cache
     if main:
         manifest["reference"] = {"key": ref_key, "count": int(len(ref)), "split": "train"}
     if done or store.resume:
@@ -480,13 +475,20 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
 
 def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None, temperature: float,
                    top_k: int | None, top_p: float | None, num: int, seed: int, first_index: int, batch_size: int,
-                   device: str, execution: str, out: Path, force: bool = False) -> str:
+                   device: str, execution: str, out: Path, force: bool = False, progress: bool = True) -> str:
     """Samples `first_index .. first_index + num - 1` of sampler `name` to out (.npz: `tokens` (N, h, w)
     int64, `images` (N, H, W, C) uint8). Loads only the tokenizer and the prior the sampler needs."""
     from .checkpoints import check_writable
     from .samplers import generate
     check_writable(out, force)
+    if num > MAX_SAMPLES:
+        raise BenchError(f"--num {num} is more than one file holds ({MAX_SAMPLES:,}); draw them in parts with "
+                         f"--first-index")
     cls = sampler_class(name)
+    if steps is not None and not cls.takes_steps:
+        raise BenchError(f"sampler {name!r} takes no --steps")
+    if not cls.takes_temperature and (top_k, top_p) != (None, None):
+        raise BenchError(f"sampler {name!r} draws no tokens from a network: --top-k and --top-p do not apply")
     settings = cls.settings(steps, temperature, top_k, top_p)
     dev = torch.device(device)
     execution = Execution.parse(execution)
@@ -495,7 +497,7 @@ def sample_to_file(cfg: Config, ds: DatasetConfig, name: str, steps: int | None,
     tokenizer, priors = load_models(cfg, ds, dev, [cls.prior_kind] if cls.prior_kind else [])
     sampler = make_sampler(name, priors, tokenizer, execution)
     sampler.check(settings)
-    tokens = generate(sampler, settings, seed, range(first_index, first_index + num), batch_size, dev)
+    tokens = generate(sampler, settings, seed, range(first_index, first_index + num), batch_size, dev, progress)
     images = np.concatenate([sampler.tokenizer.decode(tokens[i:i + batch_size])
                              for i in range(0, len(tokens), batch_size)])
     hw = sampler.tokenizer.latent_hw

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes, atomic_write_text, write_error
+from .checkpoints import atomic_write_bytes, atomic_write_text, check_folder, write_error
 from .errors import BenchError
 from .paths import check_plain_name
 
@@ -223,6 +223,26 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
+# What tables, comparisons and checks read from a stored manifest: key -> (types, required).
+MANIFEST_TYPES = {"dataset": ((str,), True), "num_samples": ((int,), True), "extractor": ((str,), True),
+                  "seed": ((int, type(None)), False), "device": ((str, type(None)), False),
+                  "execution": ((str,), False), "kind": ((str,), False), "reference": ((dict,), False),
+                  "metrics": ((dict,), False), "hashes": ((dict,), False)}
+
+
+def check_manifest(m: dict, where: str) -> None:
+    for key, (types, required) in MANIFEST_TYPES.items():
+        if key not in m:
+            if required:
+                raise BenchError(f"{where}: the manifest lacks `{key}`")
+            continue
+        value = m[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join("null" if t is type(None) else {str: "a string", int: "an integer",
+                                                                 dict: "an object"}[t] for t in types)
+            raise BenchError(f"{where}: manifest `{key}` = {value!r}; expected {names}")
+
+
 def load_run(path: str | Path) -> tuple[dict, list[Row]]:
     """(manifest, rows) of a finished run (a directory holding results.json, or the file itself)."""
     path = Path(path)
@@ -230,6 +250,7 @@ def load_run(path: str | Path) -> tuple[dict, list[Row]]:
     data = read_json(f, "results file")
     if not isinstance(data, dict) or not isinstance(data.get("manifest"), dict) or not isinstance(data.get("rows"), list):
         raise BenchError(f"results file {f} must hold an object with `manifest` (an object) and `rows` (a list)")
+    check_manifest(data["manifest"], f"results file {f}")
     rows = [Row.from_dict(r, str(f)) for r in data["rows"]]
     for r in rows:
         if not r.slug:
@@ -400,25 +421,37 @@ class RunStore:
     def lock(self) -> None:
         """Hold this run's lock until release(): a second process on the same run is refused. The
         kernel drops the lock when its process dies, so a killed run never blocks the next one."""
+        check_folder(self._lock_file.parent, f"the run {self.dir} (results under run.results_dir of bench.toml)")
         try:
             for parent in reversed([self._lock_file.parent, *self._lock_file.parent.parents]):
                 if not parent.exists():
                     parent.mkdir()
                     self._made_dirs.append(parent)
-            fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             self._remove_made_dirs()
             raise write_error(self._lock_file, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        while True:
+            try:
+                fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                self._remove_made_dirs()
+                raise write_error(self._lock_file, e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                self._remove_made_dirs()
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise BenchError(f"run {self.dir} is in use by process {holder}; wait for it to finish or "
+                                     f"choose another --run-name") from None
+                raise write_error(self._lock_file, e) from None
+            try:  # the holder may have released (removed) the file between our open and flock: open anew
+                if os.stat(self._lock_file).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            self._remove_made_dirs()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise BenchError(f"run {self.dir} is in use by process {holder}; wait for it to finish or "
-                                 f"choose another --run-name") from None
-            raise
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd

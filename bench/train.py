@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .samplers import absorbing
-from .checkpoints import WEIGHTS_DIR, atomic_write_bytes, resolve, save_checkpoint
+from .checkpoints import WEIGHTS_DIR, atomic_write_bytes, check_folder, resolve, save_checkpoint
 from .data import ArrayImages, iterate_batches, to_float
-from .errors import BenchError
+from .errors import BenchError, reason
 from .models import Transformer, TransformerConfig, VQAutoEncoder, VQConfig
 
 
@@ -277,13 +277,27 @@ def save_resume(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_resume(path: Path, tc: PriorTrainConfig, cfg: TransformerConfig, source: dict) -> dict:
+RESUME_STATE = ("config", "hparams", "source", "step", "log", "best", "best_step", "best_bits", "seconds",
+                "sittings", "stopped", "model", "ema", "opt", "gen", "rng", "batches")
+
+
+def read_resume(path: Path) -> dict:
+    """A resume state `bench train` wrote, or a BenchError saying what is wrong with the file."""
     if not path.is_file():
         raise BenchError(f"no resume state {path}; start without --resume")
     try:
         state = torch.load(path, weights_only=True)
     except Exception as e:  # truncated or foreign file: say which
-        raise BenchError(f"resume state {path} is unreadable ({e})") from None
+        raise BenchError(f"resume state {path} is unreadable ({reason(e)})") from None
+    missing = [k for k in RESUME_STATE if not isinstance(state, dict) or k not in state]
+    if missing or any(not isinstance(state[k], dict) for k in ("config", "hparams", "source")):
+        raise BenchError(f"resume state {path} is not one `bench train` wrote (it lacks "
+                         f"{', '.join(missing) or 'its config tables'}); delete it to start afresh")
+    return state
+
+
+def load_resume(path: Path, tc: PriorTrainConfig, cfg: TransformerConfig, source: dict) -> dict:
+    state = read_resume(path)
     for key, ours in (("config", asdict(tc)), ("hparams", asdict(cfg)), ("source", source)):
         if state[key] != ours:
             diff = sorted(k for k in ours if state[key].get(k) != ours[k])
@@ -414,6 +428,10 @@ def check_output(out: str | None, dataset: str, model: str, replace_shipped: boo
     if inside and not replace_shipped:
         raise BenchError(f"{out} is a shipped checkpoint (in {WEIGHTS_DIR}); write elsewhere with --out STEM, "
                          "or pass --replace-shipped to overwrite it")
+    from .checkpoints import check_name_lengths
+    stem = resolve(out)
+    check_name_lengths(stem.with_suffix(".resume.pt"), f"--out {out}")
+    check_folder(stem.parent, f"--out {out}")
     return out
 
 
@@ -432,6 +450,8 @@ def train_model(cfg, ds, model: str, out_stem: str, seed: int = 0, steps: int | 
         raise BenchError(f"bench train supports the embedded digits data only; {ds.name!r} is {ds.kind!r}")
     if resume and model not in ("absorbing", "autoregressive"):
         raise BenchError(f"--resume applies to the priors (absorbing, autoregressive), not {model!r}: it trains in minutes")
+    if resume:
+        read_resume(resume_path(out_stem))  # before the tokens are made
     split = dict(resolution=ds.resolution, heldout_size=ds.source.heldout_size, split_seed=ds.source.split_seed)
     train, heldout = digits_split("train", **split), digits_split("heldout", **split)
     if model == "extractor":

@@ -26,6 +26,8 @@ def test_rank_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     ctx = from_env()
     assert ctx == Dist(1, 2, 1) and not ctx.is_main and ctx.device("cuda") == "cuda:1" and ctx.device("cpu") == "cpu"
 

@@ -134,12 +134,22 @@ def _official_hparams_needed(ref):
                       f"dataset in bench.toml (a preset: churches, bedrooms, ffhq, or a table of official flags)")
 
 
-def _hparams(meta: dict, stem) -> dict:
+def _network(meta: dict, stem, config_cls, network_cls):
+    """The network a harness checkpoint's `hparams` describe; every problem names the JSON file."""
+    where = resolve(stem).with_suffix(".json")
     hparams = meta.get("hparams")
     if not isinstance(hparams, dict):
-        raise BenchError(f"checkpoint {resolve(stem).with_suffix('.json')} has no `hparams` object; "
+        raise BenchError(f"checkpoint {where} has no `hparams` object; "
                          f"expected the JSON that `bench train` or `bench convert` writes")
-    return hparams
+    try:
+        cfg = config_cls.from_dict(hparams)
+    except BenchError as e:
+        raise BenchError(f"checkpoint {where}: {e}") from None
+    try:
+        return network_cls(cfg)
+    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
+        raise BenchError(f"checkpoint {where}: its hparams do not make a {network_cls.__name__} "
+                         f"({type(e).__name__}: {e or 'inconsistent sizes'})") from None
 
 
 def load_vq(ref, official_hparams=None, trust: bool = False) -> tuple[VQAutoEncoder, dict]:
@@ -150,7 +160,7 @@ def load_vq(ref, official_hparams=None, trust: bool = False) -> tuple[VQAutoEnco
             raise _official_hparams_needed(ref)
         return load_official_vq(ref, official_hparams, trust)
     state, meta = load_checkpoint(ref, kind="vq")
-    model = VQAutoEncoder(VQConfig.from_dict(_hparams(meta, ref)))
+    model = _network(meta, ref, VQConfig, VQAutoEncoder)
     load_state_strict(model, state, str(ref))
     return model.eval(), meta
 
@@ -163,10 +173,9 @@ def load_transformer(ref, kind: str, official_hparams=None, trust: bool = False)
             raise _official_hparams_needed(ref)
         return load_official_transformer(ref, kind, official_hparams, trust)
     state, meta = load_checkpoint(ref, kind=kind)
-    cfg = TransformerConfig.from_dict(_hparams(meta, ref))
-    if cfg.causal != (kind == "autoregressive"):
-        raise BenchError(f"checkpoint {ref}: kind {kind!r} but hparams.causal={cfg.causal}")
-    model = Transformer(cfg)
+    model = _network(meta, ref, TransformerConfig, Transformer)
+    if model.cfg.causal != (kind == "autoregressive"):
+        raise BenchError(f"checkpoint {ref}: kind {kind!r} but hparams.causal={model.cfg.causal}")
     load_state_strict(model, state, str(ref))
     return model.eval(), meta
 

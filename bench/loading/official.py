@@ -143,13 +143,29 @@ def _pick(flags: dict, table: dict, what: str) -> dict:
     return {field: flags.get(k, OPTIONAL.get(k)) for k, (_, field) in table.items()}
 
 
+def _checked(config_cls, cfg):
+    """Sizes in range (positive counts, probabilities >= 0), as a harness checkpoint's are checked."""
+    try:
+        return config_cls.from_dict(asdict(cfg))
+    except BenchError as e:
+        raise BenchError(f"official hyperparameters: {e}") from None
+
+
+def _network(network_cls, cfg, path):
+    try:
+        return network_cls(cfg)
+    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
+        raise BenchError(f"official hyperparameters for {path} do not make a {network_cls.__name__} "
+                         f"({type(e).__name__}: {e or 'inconsistent sizes'})") from None
+
+
 def vq_config(spec) -> VQConfig:
     """The VQ autoencoder's config from official flags (or a preset name)."""
     flags = resolve_hparams(spec)
     if flags.get("quantizer", "nearest") != "nearest":
         raise BenchError(f"official quantizer {flags['quantizer']!r} is not supported; bench loads the "
                          f"'nearest' (VQGAN) quantizer only")
-    cfg = VQConfig(**_pick(flags, VQ_FLAGS, "VQGAN"))
+    cfg = _checked(VQConfig, VQConfig(**_pick(flags, VQ_FLAGS, "VQGAN")))
     cfg.beta = float(cfg.beta)
     if not cfg.ch_mult or cfg.img_size % 2 ** (len(cfg.ch_mult) - 1):
         raise BenchError(f"official img_size {cfg.img_size} does not halve {len(cfg.ch_mult) - 1} times "
@@ -170,8 +186,8 @@ def transformer_config(spec, kind: str) -> TransformerConfig:
     if kind not in ("absorbing", "autoregressive"):
         raise BenchError(f"unknown prior kind {kind!r}; expected 'absorbing' or 'autoregressive'")
     flags = resolve_hparams(spec)
-    cfg = TransformerConfig(**_pick(flags, TRANSFORMER_FLAGS, f"{kind} transformer"),
-                            causal=kind == "autoregressive")
+    cfg = _checked(TransformerConfig, TransformerConfig(**_pick(flags, TRANSFORMER_FLAGS, f"{kind} transformer"),
+                                                        causal=kind == "autoregressive"))
     for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
         setattr(cfg, k, float(getattr(cfg, k)))
     if cfg.n_head < 1 or cfg.n_emb % cfg.n_head:
@@ -270,7 +286,7 @@ def load_official_vq(path, hparams, trust: bool = False) -> tuple[VQAutoEncoder,
     cfg = vq_config(flags)
     state = official_state(read_official(path, trust), "vq", path)
     _check_codebook(state, "quantize.embedding.weight", cfg.codebook_size, path, "codebook")
-    model = VQAutoEncoder(cfg)
+    model = _network(VQAutoEncoder, cfg, path)
     load_state_strict(model, state, f"{path} (official keys under 'ae.')")
     return model.eval(), _meta("vq", cfg, flags, path, file_sha256(path), trust)
 
@@ -287,7 +303,7 @@ def load_official_transformer(path, kind: str, hparams, trust: bool = False) -> 
         raise BenchError(f"official checkpoint {path}: tok_emb.weight has shape {tuple(state['tok_emb.weight'].shape)} "
                          f"but codebook_size {cfg.codebook_size} needs {vocab} input tokens "
                          f"(expected shape {(vocab, *state['tok_emb.weight'].shape[1:])})")
-    model = Transformer(cfg)
+    model = _network(Transformer, cfg, path)
     load_state_strict(model, state, f"{path} (official keys under {PREFIX[kind]!r})")
     return model.eval(), _meta(kind, cfg, flags, path, file_sha256(path), trust)
 
@@ -297,14 +313,15 @@ def convert_official(vqgan_path, absorbing_path=None, autoregressive_path=None, 
     """Official files -> bench checkpoints <out_dir>/vq, <out_dir>/absorbing, <out_dir>/autoregressive
     (safetensors + JSON). Everything is loaded and checked before anything is written.
     -> {kind: (stem written, official file name)}."""
+    out = Path(out_dir)
+    paths = {"vq": vqgan_path, "absorbing": absorbing_path, "autoregressive": autoregressive_path}
+    for kind in (k for k, p in paths.items() if p is not None):  # the outputs first: loading can take minutes
+        check_writable(out / f"{kind}.safetensors", force)
+        check_writable(out / f"{kind}.json", force)
     loaded = {"vq": load_official_vq(vqgan_path, hparams, trust)}
     for kind, path in (("absorbing", absorbing_path), ("autoregressive", autoregressive_path)):
         if path is not None:
             loaded[kind] = load_official_transformer(path, kind, hparams, trust)
-    out = Path(out_dir)
-    for kind in loaded:
-        check_writable(out / f"{kind}.safetensors", force)
-        check_writable(out / f"{kind}.json", force)
     written = {}
     for kind, (model, meta) in loaded.items():
         meta = {**meta, "source": {**meta["source"], "official_file": Path(meta["source"]["official_file"]).name}}

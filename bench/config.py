@@ -377,6 +377,9 @@ def _check_overlay(overlay: dict, where: str, prefix: str) -> None:
     for key, cls in SECTIONS.items():
         if key in overlay:
             _typed_values(cls, overlay[key], where, f"{prefix}.{key}")
+    for key in ("run", "metrics", "timing", "datasets", "thresholds"):
+        if not isinstance(overlay.get(key, {}), dict):
+            raise BenchError(f"{where}: {prefix}.{key} must be a table")
     for name, table in overlay.get("datasets", {}).items():
         table = dict(table) if isinstance(table, dict) else table
         sweep = table.pop("sweep", []) if isinstance(table, dict) else []

@@ -14,6 +14,7 @@ from conftest import add_folder_dataset, bench
 SMALL_RUN = ("run", "--num-samples", 40, "--steps", "1,4", "--quiet")
 
 
+@pytest.mark.slow
 def test_small_run_writes_a_finished_run(workdir):
     code, out = bench(*SMALL_RUN, "--run-name", "small")
     assert code == 0, out
@@ -105,6 +106,7 @@ def test_bad_dataset_gives_one_line_exit_2_and_nothing_written(workdir, case):
     assert not _results_written(workdir)
 
 
+@pytest.mark.slow
 def test_folder_dataset_runs_through_the_same_path(workdir):
     train, heldout = workdir / "train", workdir / "heldout"
     _write_digit_pngs(train, 60, "train")

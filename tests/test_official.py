@@ -333,6 +333,7 @@ def _toml(value) -> str:
     return json.dumps(value)
 
 
+@pytest.mark.slow
 def test_churches_preset_end_to_end_on_a_tiny_lmdb(workdir, monkeypatch):
     """The churches entry of bench.toml as written (LSUN kind, ${LSUN_ROOT} and ${UT_LOGS} paths, official
     .th files, paper-shaped sweep, dc_k = 3) with a profile that shrinks it to the tiny fixture."""

@@ -8,7 +8,7 @@ from bench.samplers.absorbing import AbsorbingSampler
 from bench.samplers import SamplerSettings
 from conftest import bench
 
-RUN = ("run", "--num-samples", 40, "--steps", "16", "--samplers", "random-codes,absorbing", "--quiet")
+RUN = ("run", "--num-samples", 40, "--steps", "4", "--samplers", "random-codes,absorbing", "--quiet")
 
 
 def set_thresholds(workdir, text):
@@ -40,7 +40,7 @@ def test_figures_rebuild_identically_from_stored_rows(baseline):
     assert code == 0, out
     assert {f: digest(baseline / f) for f in files} == before
     table = (baseline / "tables" / "fid_vs_steps.md").read_text()
-    assert "| dataset | sampler | 16 |" in table and "absorbing, t=1" in table
+    assert "| dataset | sampler | 4 |" in table and "absorbing, t=1" in table
     assert r"\toprule" in (baseline / "tables" / "prdc.tex").read_text()
 
 
@@ -73,7 +73,7 @@ def test_check_passes_on_the_same_code_and_fails_on_a_degraded_sampler(workdir, 
 
 
 def test_check_fails_on_a_fid_ceiling(workdir, baseline):
-    set_thresholds(workdir, 'fid_ceiling = { "absorbing-s16-t1" = 0.001 }')
+    set_thresholds(workdir, 'fid_ceiling = { "absorbing-s4-t1" = 0.001 }')
     code, out = bench("check", baseline)
     assert code == 1 and "above the ceiling" in out
 
@@ -84,7 +84,7 @@ def test_compare_refuses_mismatched_protocols(workdir, baseline):
     code, out = bench("compare", "baseline", "other")
     assert code == 2 and "num_samples" in out and "--allow-mismatch" in out
     code, out = bench("compare", "baseline", "other", "--allow-mismatch")
-    assert code == 0 and "| absorbing, 16 steps, t=1 | fid |" in out
+    assert code == 0 and "| absorbing, 4 steps, t=1 | fid |" in out
 
 
 def _fake_run(path, device, rows):

@@ -318,6 +318,24 @@ def git_commit() -> dict:
 
 # ----------------------------------------------------------------------------- the run store
 
+LOCK_GRACE_SECONDS = 10.0
+
+
+def _flock_soon(fd: int) -> None:
+    """Take the exclusive lock, retrying for a few seconds before giving up: a killed run (under
+    torchrun, its ranks are signalled when their launcher dies) frees its lock only once its processes
+    have exited, which takes a moment."""
+    deadline = time.monotonic() + LOCK_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 class ShardStore:
     """The finished batches of a row still being computed: its features and sample-grid images, one
     file per batch, written atomically, so a killed run resumes without recomputing them. The
@@ -437,8 +455,9 @@ class RunStore:
                 self._remove_made_dirs()
                 raise write_error(self._lock_file, e) from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_soon(fd)
             except OSError as e:
+                os.lseek(fd, 0, os.SEEK_SET)
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 self._remove_made_dirs()

@@ -83,5 +83,6 @@ def test_a_killed_runs_lock_does_not_block_the_next_run(workdir):
     assert code == 2 and "unfinished" in out and "--resume" in out, out   # as any unfinished run
     code, out = bench(*ARGS, "--resume")
     assert code == 0, out
-    assert [r["slug"] for r in json.loads((run / "results.json").read_text())["rows"]] == ["data", "absorbing-s1-t1"]
+    assert [r["slug"] for r in json.loads((run / "results.json").read_text())["rows"]] == \
+        ["data", "absorbing-s1-t1", "absorbing-s1-t0.8", "absorbing-s1-t0.9"]  # the digits sweep at --steps 1
     assert not lock.exists()

@@ -1,5 +1,6 @@
 """torchrun: a run sharded over 2 processes gives the numbers of a single process, bit for bit."""
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -52,13 +53,48 @@ def test_torchrun_two_processes_match_one(workdir):
     out, dist = _run(workdir, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "dist")
     assert out.count("wrote ") == 1  # rank 0 alone reports (and writes)
     assert dist["manifest"]["distributed"]["world_size"] == 2
-    assert [r["slug"] for r in dist["rows"]] == [r["slug"] for r in single["rows"]] == ["absorbing-s2-t1"]
+    assert [r["slug"] for r in dist["rows"]] == [r["slug"] for r in single["rows"]] == \
+        ["absorbing-s2-t1", "absorbing-s2-t0.8", "absorbing-s2-t0.9"]  # the digits sweep at --steps 2
     for a, b in zip(single["rows"], dist["rows"]):
         assert a["n_samples"] == b["n_samples"] == 24
         for k in METRICS:
             assert b[k] == pytest.approx(a[k], rel=1e-9), k
     grid = "samples/absorbing-s2-t1.png"
     assert (workdir / "results/digits/dist" / grid).read_bytes() == (workdir / "results/digits/single" / grid).read_bytes()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(proc) -> None:
+    """SIGKILL torchrun and every process under it (its ranks run in sessions of their own), and wait
+    until they are gone."""
+    import signal
+    import time
+    pids = _descendants(proc.pid)
+    for pid in [proc.pid] + pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+              for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -86,8 +122,7 @@ def test_torchrun_killed_part_way_resumes_to_the_single_process_numbers(workdir)
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     assert not (workdir / "results" / "digits" / "dist" / "results.json").exists()
     resumed = subprocess.run(torchrun + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -165,9 +165,9 @@ def test_run_records_switches_and_exact_ones_keep_the_numbers(workdir):
     assert code == 0 and "execution differs for absorbing, 4 steps, t=1: REF plain, RUN bf16+skip-idle" in out
     # the exact switches alone reproduce the plain run's metrics bit for bit
     assert bench(*args, "--run-name", "exact", "--execution", "skip-idle+head-where-drawn")[0] == 0
-    exact = {r["sampler"]: r for r in load("exact")["rows"]}
+    exact = {r["slug"]: r for r in load("exact")["rows"]}
     for r in plain["rows"]:
-        assert exact[r["sampler"]]["fid"] == r["fid"]
+        assert exact[r["slug"]]["fid"] == r["fid"]
     # an interrupted run is not resumed under other switches
     run_dir = workdir / "results" / "digits" / "exact"
     (run_dir / "results.json").unlink()

@@ -129,7 +129,7 @@ def main():
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Generated samples per row  [default: from config]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: run.device]")
 @click.option("--execution", default=None,
-              help="Speed switches, e.g. fast or bf16+skip-idle (bench/execution.py)  [default: run.execution, plain]")
+              help="Speed switches, e.g. fast or bf16+skip-idle (bench/execution.py)  [default: the dataset's execution, else run.execution]")
 @click.option("--seeds", callback=_seed_list, default=None,
               help="Repeat every sampled row with these seeds (e.g. 0,1,2): mean, SD and a t interval  [default: run.seed]")
 @click.option("--run-name", default=None, help="Folder name of the run  [default: a timestamp]")
@@ -190,7 +190,7 @@ def train(dataset, model, out, replace_shipped, seed, steps, resume, threads, co
               help="Sample indices first-index .. first-index+num-1")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
-@click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: run.execution, plain]")
+@click.option("--execution", default=None, help="Speed switches (bench/execution.py)  [default: the dataset's execution, else run.execution]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="FILE.npz with tokens and images")
 @force_option
 @config_option
@@ -201,8 +201,9 @@ def sample(sampler, dataset, steps, temperature, top_k, top_p, num, seed, first_
     from .config import load_config
     from .protocol import sample_to_file
     cfg = load_config(config_path)
-    line = sample_to_file(cfg, cfg.dataset(dataset), sampler, steps, temperature, top_k, top_p, num, seed,
-                          first_index, batch_size, device or cfg.run.device, execution or cfg.run.execution,
+    ds = cfg.dataset(dataset)
+    line = sample_to_file(cfg, ds, sampler, steps, temperature, top_k, top_p, num, seed,
+                          first_index, batch_size, device or cfg.run.device, execution or cfg.execution(ds),
                           Path(out), force, _progress())
     click.echo(line)
 

@@ -264,6 +264,7 @@ class DatasetConfig:
     sweep: tuple[dict, ...] = ()      # as written; replaced by SweepEntry objects once checked
     official_hparams: str | dict | None = None   # official .th checkpoints: a preset or official flags
     metrics: dict = field(default_factory=dict)
+    execution: str | None = None      # speed switches for this dataset; run.execution otherwise
     # kind-specific keys, gathered into `source`
     heldout_size: int | None = None   # digits
     split_seed: int | None = None     # digits
@@ -284,6 +285,11 @@ class DatasetConfig:
             raise BenchError(f"{where}: {prefix}.channels must be 1 or 3, got {self.channels}")
         for key in self.priors:
             check_plain_name(key, f"{where}: {prefix}.priors key")
+        if self.execution is not None:
+            try:
+                Execution.parse(self.execution)
+            except BenchError as e:
+                raise BenchError(f"{where}: {prefix}.{e}") from None
         for key, value in (("tokenizer", self.tokenizer), *((f"priors.{k}", v) for k, v in self.priors.items())):
             if not value.strip():
                 raise BenchError(f"{where}: {prefix}.{key} is empty; name a checkpoint (e.g. builtin:digits/vq)")
@@ -342,6 +348,10 @@ class Config:
         if name not in self.datasets:
             raise BenchError(f"unknown dataset {name!r}; {self.path} configures: {', '.join(sorted(self.datasets))}")
         return self.datasets[name]
+
+    def execution(self, ds: DatasetConfig) -> str:
+        """The speed switches a dataset runs under unless --execution says otherwise."""
+        return ds.execution or self.run.execution
 
     def checkpoint_ref(self, ds: DatasetConfig, value: str, key: str) -> str:
         """A tokenizer or prior of bench.toml with ${VAR} and ~ expanded; `builtin:` names as written.
@@ -484,7 +494,7 @@ def run_settings(cfg: Config, dataset: str | None = None, samplers=None, steps=N
         config=cfg, dataset=ds, samplers=tuple(samplers) if samplers is not None else None,
         steps=tuple(steps) if steps is not None else None, num_samples=n,
         seed=seeds[0], seeds=seeds, device=device or cfg.run.device,
-        batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.run.execution),
+        batch_size=ds.batch_size or cfg.run.batch_size, execution=Execution.parse(execution or cfg.execution(ds)),
         metrics=cfg.metrics.overridden(ds.overrides.as_dict()), timing=cfg.timing,
         results_dir=cfg.results_dir(), cache_dir=cache_dir, run_name=run_name, resume=resume, force=force,
         progress=progress)

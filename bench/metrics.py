@@ -1,7 +1,8 @@
 """Every metric from one pair of feature arrays: fake (generated) and real (reference).
 
 Inputs are float64 numpy arrays (N, D); outputs are plain floats. FID, KID and precision/recall
-are torch-fidelity 0.4.0's own functions (fake = its input1, real = its input2); density and
+are torch-fidelity 0.4.0's own functions (fake = its input1, real = its input2; KID of small sets
+from one kernel matrix, to float64 rounding the same); density and
 coverage follow Naeem et al. 2020 with the definitions of the `prdc` package, computed in chunks.
 
 Nothing here holds an N x M distance matrix: distances are computed `chunk` rows at a time, so
@@ -111,9 +112,17 @@ def kid(fake, real, subset_size: int = 1000, subsets: int = 100, degree: int = 3
         seed: int = 0) -> dict:
     """Polynomial-kernel MMD^2 averaged over `subsets` random subsets (numpy RandomState(seed) draws
     them without replacement, fake then real for each subset). The subset size shrinks to the smaller
-    set where that holds fewer than `subset_size` samples; kid_subset_size says which size was used."""
+    set where that holds fewer than `subset_size` samples; kid_subset_size says which size was used.
+
+    torch-fidelity's subsets and estimator. Where both sets together fit one kernel matrix
+    (KID_ONE_KERNEL samples), the subsets' kernel sums are read off that matrix instead of
+    recomputing three kernels per subset: 10-20x faster at digits' sizes, equal to torch-fidelity up to
+    float64 summation order (tests/test_metrics.py)."""
     fake, real = check_pair(fake, real, 2, "KID")
     size = min(subset_size, len(fake), len(real))
+    if len(fake) + len(real) <= KID_ONE_KERNEL:
+        mmds = _kid_one_kernel(fake, real, size, subsets, degree, coef0, seed)
+        return {"kid_mean": float(np.mean(mmds)), "kid_std": float(np.std(mmds)), "kid_subset_size": size}
     out = kid_features_to_metric(
         torch.from_numpy(fake), torch.from_numpy(real),
         kid_subsets=subsets, kid_subset_size=size, kid_kernel="poly", kid_kernel_poly_degree=degree,
@@ -121,6 +130,33 @@ def kid(fake, real, subset_size: int = 1000, subsets: int = 100, degree: int = 3
     )
     return {"kid_mean": float(out[KEY_METRIC_KID_MEAN]), "kid_std": float(out[KEY_METRIC_KID_STD]),
             "kid_subset_size": size}
+
+
+KID_ONE_KERNEL = 6000   # samples of both sets together: a float64 kernel matrix of at most 288 MB
+
+
+def _kid_one_kernel(fake, real, size: int, subsets: int, degree: int, coef0: float, seed: int) -> np.ndarray:
+    """The unbiased MMD^2 of each subset pair, as torch_fidelity.metric_kid.mmd2, from one kernel
+    matrix of fake and real: with indicators a (the fake subset) and b (the real one), the sums of
+    K_XX, K_YY and K_XY are a.K.a, b.K.b and a.K.b (less the diagonals for the first two)."""
+    n = len(fake)
+    both = np.concatenate([fake, real])
+    kernel = (both @ both.T * (1.0 / both.shape[1]) + coef0) ** degree   # gamma = 1 / D, as torch-fidelity
+    diagonal = np.diagonal(kernel)
+    rng = np.random.RandomState(seed)
+    mmds = []
+    for start in range(0, subsets, 100):  # 100 subsets at a time: (N + M) x 200 indicators
+        count = min(100, subsets - start)
+        a, b = np.zeros((len(both), count)), np.zeros((len(both), count))
+        for i in range(count):
+            a[rng.choice(n, size, replace=False), i] = 1
+            b[n + rng.choice(len(real), size, replace=False), i] = 1
+        ka, kb = kernel @ a, kernel @ b
+        xx = (a * ka).sum(0) - diagonal @ a
+        yy = (b * kb).sum(0) - diagonal @ b
+        xy = (b * ka).sum(0)
+        mmds.append((xx + yy) / (size * (size - 1)) - 2 * xy / (size * size))
+    return np.concatenate(mmds)
 
 
 # -----------------------------------------------------------------------------

@@ -41,14 +41,31 @@ def test_fid_stats_roundtrip():
     assert metrics.fid_from_stats(*metrics.fid_stats(x), *metrics.fid_stats(y)) == metrics.fid(x, y)
 
 
-def test_kid_equals_torch_fidelity():
+@pytest.mark.parametrize("n_fake, n_real, dim, subset, shift", [
+    (300, 250, 16, 100, 0.2),
+    (1000, 1297, 128, 1000, 0.0),   # digits' sizes: KID near 0, where cancellation is worst
+    (80, 120, 4, 1000, 0.0),        # subset size shrinks to the smaller set
+])
+def test_kid_equals_torch_fidelity(n_fake, n_real, dim, subset, shift):
+    """The one-kernel path: torch-fidelity's subsets and estimator, up to float64 summation order."""
+    x, y = gaussian(n_fake, dim, 4), gaussian(n_real, dim, 5, shift=shift)
+    out = metrics.kid(x, y, subset_size=subset, subsets=20, seed=7)
+    size = min(subset, n_fake, n_real)
+    ref = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subset_size=size,
+                                 kid_subsets=20, rng_seed=7, verbose=False)
+    assert out["kid_mean"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-9, abs=1e-15)
+    assert out["kid_std"] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-9)
+    assert out["kid_subset_size"] == size
+
+
+def test_kid_large_sets_are_torch_fidelity_itself(monkeypatch):
+    monkeypatch.setattr(metrics, "KID_ONE_KERNEL", 100)
     x, y = gaussian(300, 16, 4), gaussian(250, 16, 5, shift=0.2)
     out = metrics.kid(x, y, subset_size=100, subsets=20, seed=7)
     ref = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subset_size=100,
                                  kid_subsets=20, rng_seed=7, verbose=False)
     assert out["kid_mean"] == ref["kernel_inception_distance_mean"]
     assert out["kid_std"] == ref["kernel_inception_distance_std"]
-    assert out["kid_subset_size"] == 100
 
 
 def test_kid_subset_size_adapts():

@@ -16,11 +16,13 @@ T > 1 seed) pair and to every pair of T = 1 seeds.
     python scripts/calibrate_intervals.py                  # sampling: about 20 minutes on 2 free cores
     python scripts/calibrate_intervals.py --seeds 0-4 --slow-seeds 0-4 --regression-seeds 0-2
 
-Features are cached in --cache (one .npy per sampler row and seed), so a second call only scores.
+Features are cached in --cache (one .npy per sampler row, seed, sample count and the hashes of the
+checkpoints and extractor that made them), so a second call only scores.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -32,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.config import load_config  # noqa: E402
+from bench.config import load_config, run_settings  # noqa: E402
 from bench.metrics import compute_metrics, density_coverage, fid_from_stats, fid_stats, precision_recall  # noqa: E402
-from bench.protocol import load_pipeline, reference_features  # noqa: E402
+from bench.protocol import PlannedRow, load_pipeline, reference_features  # noqa: E402
 from bench.samplers import SamplerSettings, generate  # noqa: E402
 from bench.stats import METRICS, Reference, bootstrap_intervals, difference_test, summarise_repeats  # noqa: E402
 
@@ -55,12 +57,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def features_for(pipe, settings: SamplerSettings, seed: int, n: int, cache: Path) -> np.ndarray:
-    path = cache / f"{settings.slug()}-seed{seed}-n{n}.npy"
+    sampler = pipe.sampler(settings.sampler)
+    made_by = hashlib.sha256(json.dumps([pipe.hashes, sampler.execution()], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{settings.slug()}-seed{seed}-n{n}-{made_by}.npy"
     if path.is_file():
         return np.load(path)
     t0 = time.perf_counter()
-    tokens = generate(pipe.make_sampler(settings.sampler), settings, seed, range(n), 250, pipe.device, progress=False)
-    feats = np.concatenate([pipe.extractor(pipe.decode(tokens[i:i + 250])) for i in range(0, n, 250)])
+    tokens = generate(sampler, settings, seed, range(n), 250, pipe.device, progress=False)
+    feats = np.concatenate([pipe.extractor(sampler.tokenizer.decode(tokens[i:i + 250])) for i in range(0, n, 250)])
     np.save(path, feats)
     print(f"  sampled {settings.label()} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return feats
@@ -113,6 +117,7 @@ def main() -> None:
     p.add_argument("--sample-only", action="store_true", help="draw and cache features, score nothing")
     p.add_argument("--json", help="also write every seed's numbers to this file")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids stalls on a shared machine)")
+    p.add_argument("--config", default=None, help="protocol file (default: the project's bench.toml)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -121,9 +126,9 @@ def main() -> None:
     seeds_of = {r.slug(): (slow if r.steps == 64 else seeds) for r in ROWS}
     seeds_of.update({r.slug(): reg for r in REGRESSION_ROWS})
 
-    cfg = load_config()
-    ds = cfg.dataset("digits")
-    pipe = load_pipeline(cfg, ds, "cpu", sorted({r.sampler for r in ROWS + REGRESSION_ROWS}))
+    cfg = load_config(args.config)
+    run = run_settings(cfg, "digits", num_samples=args.num, progress=False)
+    pipe = load_pipeline(run, [PlannedRow(r.slug(), r, r.sampler) for r in ROWS + REGRESSION_ROWS])
     feats = {}
     for settings in sorted(ROWS + REGRESSION_ROWS, key=lambda r: r.steps or 0):  # cheapest first
         for seed in seeds_of[settings.slug()]:
@@ -131,13 +136,14 @@ def main() -> None:
     if args.sample_only:
         return
     real, _ = reference_features(pipe, progress=False)
-    settings = {**cfg.metrics, **ds.metrics}
+    settings = run.metrics.as_dict()
     ref = Reference(real, settings)
 
     out = {}
     lines = ["| row | metric | mean | SD over seeds (seeds) | SD, pooled re-splits | mean SE of one seed | "
              "SD/SE | pooled SD/SE | seeds' intervals covering the mean |", "|---|---|---|---|---|---|---|---|---|"]
-    for n in (args.num, 300):
+    sizes = sorted({args.num, min(300, args.num)}, reverse=True)
+    for n in sizes:
         for r in ROWS:
             t0 = time.perf_counter()
             row_seeds = seeds_of[r.slug()]
@@ -152,14 +158,14 @@ def main() -> None:
     print(f"\nCalibration: {args.resamples} resamples, 95% intervals\n")
     print("\n".join(lines))
 
-    threshold = cfg.thresholds.get("digits", {}).get("fid_regression", 0.25)
+    threshold = getattr(cfg.thresholds.get("digits"), "fid_regression", None) or 0.25
     print(f"\nRegression check: every pair of seeds; significant: difference_test on FID, p < 0.05; "
           f"fails: significant and a rise above {threshold:.0%} (bench check's rule)\n")
     print("| row | N | pairs | significant, T=1 vs T=1 | fails, T=1 vs T=1 | mean FID rise | "
           "significant, T=1 vs T | fails, T=1 vs T | median p |")
     print("|---|---|---|---|---|---|---|---|---|")
     fails = lambda d, a: d["significant"] and d["delta"] > threshold * a["fid"]  # noqa: E731
-    for n in (args.num, 300):
+    for n in sizes:
         for rt in REGRESSION_ROWS:
             r1 = SamplerSettings(rt.sampler, rt.steps, 1.0)
             base = out[f"{r1.slug()}-n{n}"]["seeds"]

@@ -1,7 +1,9 @@
 """bench.stats: the bootstrap's point estimates and weighted resamples against bench.metrics, its
 chunked paths, its intervals against the seed-to-seed spread on Gaussian data, repeats and the
 difference test."""
+import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,3 +223,26 @@ def test_bad_input_is_refused(pair, ref):
         stats.bootstrap_intervals(fake, ref, {"pr_k": 5}, resamples=50)
     with pytest.raises(BenchError, match="whole counts"):
         stats.bootstrap_replicates(fake, ref, torch.full((2, N), 0.5))
+
+
+@pytest.mark.slow
+def test_calibration_script_runs_and_keys_its_cache_by_the_checkpoints(workdir):
+    """scripts/calibrate_intervals.py end to end at a tiny size: its tables, and a feature cache that a
+    second call reuses and whose names carry the hashes of the checkpoints that made the features."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "scripts" / "calibrate_intervals.py"
+    cmd = [sys.executable, str(script), "--seeds", "0,1", "--slow-seeds", "0,1", "--regression-seeds", "0",
+           "--num", "12", "--resamples", "40", "--cache", str(workdir / "calib"), "--config", str(workdir / "bench.toml"),
+           "--json", str(workdir / "calib.json")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| absorbing, 64 steps, t=1, N=12 | fid |" in first.stdout and "| autoregressive, t=2 | 12 |" in first.stdout
+    assert first.stdout.count("sampled ") == 3 * 2 + 5
+    names = sorted(p.name for p in (workdir / "calib").iterdir())
+    assert len(names) == 11 and all(re.fullmatch(r"[a-z0-9.-]+-seed\d-n12-[0-9a-f]{16}\.npy", n) for n in names)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert again.returncode == 0 and "sampled " not in again.stdout
+    seeds = json.loads((workdir / "calib.json").read_text())["absorbing-s8-t1-n12"]["seeds"]
+    assert len(seeds) == 2 and all(0 <= s["fid_ci_low"] < s["fid_ci_high"] for s in seeds)

@@ -21,6 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The official UT VQGAN copies Taming's blocks, so the attention block and normalisation are bench's.
+# KVCache: Taming grows its cache by concatenation each token; the attention sees the same keys and
+# values in bench's preallocated one.
+from bench.models import AttnBlock, KVCache, normalize, swish
+
 
 # ----------------------------------------------------------------------------- first stage
 
@@ -49,14 +54,6 @@ class TamingFirstStageConfig:
         return asdict(self)
 
 
-def normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-def swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
-
-
 class ResnetBlock(nn.Module):
     """Taming's ResnetBlock as its Encoder and Decoder build it: no time embedding, a 1x1
     `nin_shortcut` where the channel count changes. Dropout is a no-op at sampling time."""
@@ -77,28 +74,6 @@ class ResnetBlock(nn.Module):
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
-
-
-class AttnBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        h = self.norm(x)
-        b, c, hh, ww = x.shape
-        q = self.q(h).reshape(b, c, hh * ww).permute(0, 2, 1)  # (b, hw, c)
-        k = self.k(h).reshape(b, c, hh * ww)                    # (b, c, hw)
-        v = self.v(h).reshape(b, c, hh * ww)
-        # the same products in the same order as Taming's, so that results agree to the last bits
-        w = torch.bmm(q, k) * (int(c) ** -0.5)
-        w = F.softmax(w, dim=2).permute(0, 2, 1)
-        out = torch.bmm(v, w).reshape(b, c, hh, ww)
-        return x + self.proj_out(out)
 
 
 class Downsample(nn.Module):
@@ -326,7 +301,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("mask", mask.view(1, 1, cfg.block_size, cfg.block_size))
         self.n_head = cfg.n_head
 
-    def forward(self, x, cache: "TamingKVCache | None" = None, layer: int = 0):
+    def forward(self, x, cache: "KVCache | None" = None, layer: int = 0):
         """x (B, T, C): positions cache.length .. cache.length+T-1 (0.. without a cache)."""
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
@@ -358,29 +333,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class TamingKVCache:
-    """Keys and values of every layer, preallocated for the whole block. Taming grows its cache by
-    concatenation each token; the attention sees the same keys and values either way."""
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self._pending = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        start, n = self.length, k.shape[2]
-        self.k[layer, :, :, start:start + n] = k
-        self.v[layer, :, :, start:start + n] = v
-        self._pending = n
-        return self.k[layer, :, :, :start + n], self.v[layer, :, :, :start + n]
-
-    def advance(self):
-        self.length += self._pending
-        self._pending = 0
-
-
 class TamingGPT(nn.Module):
     """Causal transformer over code indices; the first input of an unconditional release is
     cfg.sos_token, an ordinary code, and logits at position i predict code i of the image."""
@@ -395,7 +347,7 @@ class TamingGPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def hidden(self, idx: torch.Tensor, cache: TamingKVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) at positions cache.length.. (0.. without a cache) -> states before ln_f."""
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
@@ -411,11 +363,11 @@ class TamingGPT(nn.Module):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_f(hidden))
 
-    def forward(self, idx: torch.Tensor, cache: TamingKVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab_size)."""
         return self.project(self.hidden(idx, cache))
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> TamingKVCache:
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         c, p = self.cfg, self.head.weight
-        return TamingKVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, p.device,
+        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, p.device,
                              dtype or p.dtype)

@@ -104,9 +104,14 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         h = self.norm(x)
         b, c, hh, ww = x.shape
-        q, k, v = (m(h).reshape(b, c, hh * ww).transpose(1, 2) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (b, hw, c), one head
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, hh, ww))
+        q = self.q(h).reshape(b, c, hh * ww).permute(0, 2, 1)  # (b, hw, c)
+        k = self.k(h).reshape(b, c, hh * ww)                    # (b, c, hw)
+        v = self.v(h).reshape(b, c, hh * ww)
+        # the products in the order of the official code (and of Taming's, which it copies), so that
+        # outputs agree to the last bits: Taming's tests need exactly that
+        w = torch.bmm(q, k) * (int(c) ** -0.5)
+        w = F.softmax(w, dim=2).permute(0, 2, 1)
+        return x + self.proj_out(torch.bmm(v, w).reshape(b, c, hh, ww))
 
 
 class Downsample(nn.Module):

@@ -13,6 +13,19 @@ from bench.models import Transformer
 from bench.samplers import FiniteLogits, Sampler, SampleNoise, SamplerSettings, draw_tokens
 
 
+def draw_in_raster_order(noise: SampleNoise, length: int, logits_at, draw) -> torch.Tensor:
+    """The loop of every raster-order sampler: token i of each sample, i = 0 .. length - 1, drawn by
+    draw(logits, uniforms, finite) from logits_at(i, x) (x: the tokens so far, zeros from i on) with
+    the i-th uniform of the sample's stream (all drawn up front). -> (B, length) tokens."""
+    u = noise.rand(length)
+    x = torch.zeros((len(noise), length), dtype=torch.long, device=noise.device)
+    finite = FiniteLogits()
+    for i in range(length):
+        x[:, i] = draw(logits_at(i, x), u[:, i], finite)
+    finite.check()
+    return x
+
+
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
     prior_kind = "autoregressive"
@@ -38,30 +51,26 @@ class AutoregressiveSampler(Sampler):
     @torch.no_grad()
     def sample(self, noise: SampleNoise, settings: SamplerSettings) -> torch.Tensor:
         self.check(settings)
-        B, L = len(noise), self.seq_len
-        u = noise.rand(L)
-        x = torch.zeros((B, L), dtype=torch.long, device=noise.device)
-        finite = FiniteLogits()
-        if self.use_cache:
-            self._sample_cached(x, u, settings, finite)
-        else:
-            for i in range(L):
-                logits = self.net(x[:, :i])[:, -1]
-                x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p, finite)
-        finite.check()
-        return x
 
-    def _sample_cached(self, x: torch.Tensor, u: torch.Tensor, settings: SamplerSettings, finite: FiniteLogits):
-        """The first call feeds only the start token, later calls only the newest token."""
-        cache = self._cache_for(len(x))
-        for i in range(self.seq_len):
-            with self.options.autocast(x.device):
+        def draw(logits, uniforms, finite):
+            return draw_tokens(logits, uniforms, settings.temperature, settings.top_k, settings.top_p, finite)
+        if self.use_cache:
+            return draw_in_raster_order(noise, self.seq_len, self._cached_logits(len(noise), noise.device), draw)
+        return draw_in_raster_order(noise, self.seq_len, lambda i, x: self.net(x[:, :i])[:, -1], draw)
+
+    def _cached_logits(self, batch: int, device):
+        """logits_at for draw_in_raster_order: the first call feeds only the start token, later calls
+        only the newest token."""
+        cache = self._cache_for(batch)
+
+        def logits_at(i: int, x: torch.Tensor) -> torch.Tensor:
+            with self.options.autocast(device):
                 if i == 0 or not self.options.compiled:
                     hidden = self.prior.hidden(x[:, i - 1:i] if i else x[:, :0], cache)
                 else:
-                    hidden = self._step(x[:, i - 1:i], torch.tensor([i], device=x.device), cache)
-            logits = self.net.project(hidden[:, -1])
-            x[:, i] = draw_tokens(logits, u[:, i], settings.temperature, settings.top_k, settings.top_p, finite)
+                    hidden = self._step(x[:, i - 1:i], torch.tensor([i], device=device), cache)
+            return self.net.project(hidden[:, -1])
+        return logits_at
 
     def _cache_for(self, batch: int):
         dtype = torch.bfloat16 if "bf16" in self.options else None

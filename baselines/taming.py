@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from baselines.autoregressive import draw_in_raster_order
 from baselines.taming_models import TamingGPT
 from bench.errors import BenchError
 from bench.execution import Execution
@@ -104,28 +105,23 @@ class TamingSampler(Sampler):
     @torch.no_grad()
     def sample(self, noise: SampleNoise, settings: SamplerSettings) -> torch.Tensor:
         self.check(settings)
-        B, L = len(noise), self.seq_len
-        u = noise.rand(L)
-        x = torch.zeros((B, L), dtype=torch.long, device=noise.device)
-        sos = torch.full((B, 1), self.gpt.cfg.sos_token, dtype=torch.long, device=noise.device)
-        finite = FiniteLogits()
-        draw = lambda logits, i: taming_draw(logits, u[:, i], settings.temperature, settings.top_k,  # noqa: E731
-                                             settings.top_p, finite)
-        if self.use_cache:
-            cache = self.gpt.new_cache(B, torch.bfloat16 if "bf16" in self.options else None)
-            prev = sos
-            for i in range(L):  # position i holds the sos token (i = 0) or code i - 1
-                with self.options.autocast(noise.device):
-                    hidden = self.gpt.hidden(prev, cache)
-                x[:, i] = draw(self._logits(hidden[:, -1]), i)
-                prev = x[:, i:i + 1]
-        else:
-            for i in range(L):
-                with self.options.autocast(noise.device):
+        sos = torch.full((len(noise), 1), self.gpt.cfg.sos_token, dtype=torch.long, device=noise.device)
+        cache = self.gpt.new_cache(len(noise), torch.bfloat16 if "bf16" in self.options else None) \
+            if self.use_cache else None
+
+        def logits_at(i: int, x: torch.Tensor) -> torch.Tensor:
+            """Position i of the network's input holds the sos token (i = 0) or code i - 1."""
+            with self.options.autocast(noise.device):
+                if cache is not None:
+                    hidden = self.gpt.hidden(x[:, i - 1:i] if i else sos, cache)
+                else:
                     hidden = self.gpt.hidden(torch.cat((sos, x[:, :i]), dim=1))
-                x[:, i] = draw(self._logits(hidden[:, -1]), i)
-        finite.check()
-        self.passes_per_image = float(L)
+            return self._logits(hidden[:, -1])
+
+        def draw(logits, uniforms, finite):
+            return taming_draw(logits, uniforms, settings.temperature, settings.top_k, settings.top_p, finite)
+        x = draw_in_raster_order(noise, self.seq_len, logits_at, draw)
+        self.passes_per_image = float(self.seq_len)
         return x
 
     def nfe(self, settings: SamplerSettings) -> int:

@@ -23,6 +23,15 @@ def test_shipped_config_loads_with_the_digits_sweep():
     assert load_config(profile="ci").dataset("digits").num_samples < 1000
 
 
+def test_a_dataset_execution_is_the_default_that_execution_overrides():
+    from bench.config import run_settings
+    cfg = load_config()
+    assert cfg.execution(cfg.dataset("digits")) == "skip-idle+head-where-drawn"
+    assert run_settings(cfg, "digits").execution.spec() == "skip-idle+head-where-drawn"
+    assert run_settings(cfg, "digits", execution="plain").execution.spec() == "plain"
+    assert cfg.execution(cfg.dataset("churches")) == cfg.run.execution == "plain"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[run]\nseeed = 1\n", "unknown key 'run.seeed'"),
     ("[run]\nseed = 'one'\n", "run.seed must be an integer"),
@@ -41,6 +50,8 @@ def test_shipped_config_loads_with_the_digits_sweep():
      "unknown key 'datasets.x.colour'"),
     ("[run\nseed = 1\n", "not valid TOML"),
     ("[thresholds.digits]\nfid_ceiling = { a = 'x' }\n", "thresholds.digits.fid_ceiling must be a table of numbers"),
+    ("[datasets.x]\nkind = 'digits'\nresolution = 8\nchannels = 1\nextractor = 'd'\ntokenizer = 't'\n"
+     "execution = 'skip-idel'\n", "datasets.x.*skip-idel"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(BenchError, match=message) as e:

@@ -419,9 +419,13 @@ def run(settings: RunSettings) -> Path:
         store.lock()
     try:
         done = store.check(manifest)
-        if settings.force and dist.sharded and main:
-            store.begin(manifest)  # now, before any rank writes shards into it
         distributed.barrier(dist)  # every rank has checked the run directory before rank 0 creates it
+        if dist.sharded and not settings.resume:
+            # created now, before any rank writes shards into it: other ranks sample while rank 0
+            # computes the reference, and a run killed then must still have its manifest to resume
+            if main:
+                store.begin(manifest)
+            distributed.barrier(dist)
         _run_rows(pipe, plan, manifest, store, done, main, settings.progress and main)
     finally:
         if main:

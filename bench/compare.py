@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BenchError
-from .stats import METRICS as STAT_METRICS, difference_test
+from .stats import METRICS as STAT_METRICS, difference_test, holm
 from .results import PROTOCOL_KEYS, Row, is_published, load_run, protocol_differences
 
 METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "img_per_s")
 # Throughput of rows whose timed batch is shorter than this is not judged by `bench check`.
 MIN_TIMED_SECONDS = 0.05
+ALPHA = 0.05  # significance level of every test here
 
 
 def _too_short_to_time(*rows: Row) -> bool:
@@ -84,17 +85,33 @@ def compare_runs(ref_dir: Path, run_dir: Path, thresholds: dict, allow_mismatch:
             d, rel = _delta(a, b)
             test = significance(ref, row, m)
             flag = False
-            if m == "fid" and rel is not None and thresholds.fid_regression is not None:
-                # a regression is a rise beyond the threshold that is not noise (where both rows can say)
-                flag = rel > thresholds.fid_regression and (test is None or test["significant"])
             untimeable = m == "img_per_s" and _too_short_to_time(ref, row)
             if m == "img_per_s" and rel is not None and thresholds.throughput_regression is not None:
                 flag = same_device and not untimeable and -rel > thresholds.throughput_regression
             entry["metrics"][m] = {"ref": a, "run": b, "delta": d, "rel": rel, "beyond_threshold": flag,
                                    "untimeable": untimeable, "test": test}
         out.append(entry)
+    _judge_fid(out, thresholds)
     return {"ref": str(ref_dir), "run": str(run_dir), "protocol_differences": diff,
             "same_device": same_device, "rows": out}
+
+
+def _judge_fid(entries: list[dict], thresholds) -> None:
+    """An FID regression is a rise beyond fid_regression that is not noise (where both rows can say).
+    Every row's FID is a test of its own, so the p-values are Holm-adjusted over the rows compared
+    (`p_holm`): a run of unchanged code fails on noise in at most 5% of comparisons however many rows
+    it has, not 5% per row."""
+    fid = [e["metrics"]["fid"] for e in entries if "fid" in e["metrics"]]
+    tested = [v["test"] for v in fid if v["test"] is not None]
+    for test, adjusted in zip(tested, holm([t["p_value"] for t in tested])):
+        test["p_holm"], test["family"] = adjusted, len(tested)
+        test["significant_holm"] = adjusted < ALPHA
+    if thresholds.fid_regression is None:
+        return
+    for v in fid:
+        if v["rel"] is not None:
+            v["beyond_threshold"] = v["rel"] > thresholds.fid_regression and (
+                v["test"] is None or v["test"]["significant_holm"])
 
 
 def format_comparison(cmp: dict) -> str:
@@ -117,16 +134,18 @@ def format_comparison(cmp: dict) -> str:
             rel = "" if v["rel"] is None else f"{100 * v['rel']:+.1f}%"
             t = v.get("test")
             interval = "" if t is None else f"[{fmt(t['ci_low'])}, {fmt(t['ci_high'])}]"
-            p = "" if t is None else f"{t['p_value']:.3g}"
-            verdict = "no interval" if t is None else "significant" if t["significant"] else "within noise"
+            p = "" if t is None else f"{t['p_value']:.3g}" + (f" (Holm {t['p_holm']:.3g})" if "p_holm" in t else "")
+            verdict = "no interval" if t is None else "significant" if t.get("significant_holm", t["significant"]) \
+                else "within noise"
             lines.append(f"| {entry['label']} | {m} | {fmt(v['ref'])} | {fmt(v['run'])} | {fmt(v['delta'])} | {rel}{mark} "
                          f"| {interval} | {p} | {verdict} |")
     if not cmp["rows"]:
         lines.append("(no rows in common)")
     lines.append("")
     lines.append("noise?: a two-sided Welch test of the difference from each row's standard error (bootstrap, or "
-                 "repeated seeds), bench.stats.difference_test; significant where p < 0.05. **!**: beyond a "
-                 "threshold of bench.toml (an FID rise counts only where it is also significant).")
+                 "repeated seeds), bench.stats.difference_test; significant where p < 0.05 (FID: Holm-adjusted over "
+                 "the rows compared). **!**: beyond a threshold of bench.toml (an FID rise counts only where it "
+                 "is also significant).")
     return "\n".join(lines) + "\n"
 
 
@@ -170,8 +189,9 @@ def check_run(run_dir: Path, thresholds: dict, baseline_dir: Path | None) -> dic
                     status = "FAILED" if v["beyond_threshold"] else "ok"
                     t = v.get("test")
                     noise = "" if m != "fid" else (", no interval to test" if t is None else
-                                                    f", p = {t['p_value']:.3g}: " +
-                                                    ("significant" if t["significant"] else "within noise"))
+                                                    f", p = {t['p_value']:.3g}, Holm over {t['family']} rows "
+                                                    f"{t['p_holm']:.3g}: " +
+                                                    ("significant" if t["significant_holm"] else "within noise"))
                     checks.append(f"{entry['slug']}: {m} {v['run']:.4g} vs baseline {v['ref']:.4g} "
                                   f"({100 * v['rel']:+.1f}%{noise}): {status}")
                     if v["beyond_threshold"]:

@@ -386,3 +386,17 @@ def difference_test(a, b, metric: str = "fid", level: float = 0.95, row_level: f
         q = float(dist.ppf((1 + level) / 2))
     return {"metric": metric, "delta": delta, "ci_low": delta - q * se, "ci_high": delta + q * se, "se": se,
             "df": df, "p_value": p, "significant": p < 1 - level}
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment: p-values that may each be compared with the level while the chance
+    of any false "significant" in the family stays at most the level, whatever their dependence.
+    The i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)); order is kept."""
+    p = [float(v) for v in p_values]
+    if any(not 0 <= v <= 1 for v in p):
+        raise BenchError(f"p-values must lie in [0, 1], got {p}")
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(sorted(range(len(p)), key=p.__getitem__)):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out

@@ -246,3 +246,18 @@ def test_calibration_script_runs_and_keys_its_cache_by_the_checkpoints(workdir):
     assert again.returncode == 0 and "sampled " not in again.stdout
     seeds = json.loads((workdir / "calib.json").read_text())["absorbing-s8-t1-n12"]["seeds"]
     assert len(seeds) == 2 and all(0 <= s["fid_ci_low"] < s["fid_ci_high"] for s in seeds)
+
+
+def test_holm_adjustment():
+    # the textbook case: sorted p 0.01, 0.02, 0.03, 0.04 of m = 4 -> 0.04, 0.06, 0.06, 0.06 (monotone)
+    assert stats.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == [] and stats.holm([0.2]) == [0.2]
+    with pytest.raises(BenchError, match="p-values"):
+        stats.holm([1.5])
+    # family-wise error: 10 independent null p-values, any "significant" in about 5% of families,
+    # where comparing each raw p with 0.05 errs in 1 - 0.95^10 = 40%
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(20000, 10))
+    raw = (p < 0.05).any(1).mean()
+    adjusted = np.mean([min(stats.holm(row)) < 0.05 for row in p[:4000]])
+    assert 0.37 < raw < 0.43 and 0.035 < adjusted < 0.06

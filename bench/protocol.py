@@ -76,6 +76,7 @@ class Pipeline:
     content: dict = field(default_factory=dict)   # split -> content id (file bytes hashed, bench.data)
     hash_cache: HashCache | None = None
     samplers: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # see shared_timing
 
     @property
     def ds(self) -> DatasetConfig:
@@ -279,6 +280,17 @@ def time_sampler(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings) ->
     return {**times, "passes_per_image": sampler.passes_per_image}
 
 
+def shared_timing(pipe: Pipeline, sampler: Sampler, settings: SamplerSettings, slug: str) -> dict:
+    """time_sampler, once per sampler configuration up to the temperature: dividing the logits by
+    another temperature costs the same (the argmax of temperature 0 does not, so it is timed apart).
+    A row that reuses another's timing names it in `timed_with`."""
+    key = (settings.sampler, settings.steps, settings.top_k, settings.top_p, settings.temperature == 0)
+    if key not in pipe.timings:
+        pipe.timings[key] = (slug, time_sampler(pipe, sampler, settings))
+    timed_by, timing = pipe.timings[key]
+    return {**timing, "timed_with": None if timed_by == slug else timed_by}
+
+
 def _scored(pipe: Pipeline, feats: np.ndarray, ref: np.ndarray, reference, seed: int) -> dict:
     """Every metric of one set of features, with its bootstrap interval where the run asks for one."""
     s = pipe.settings
@@ -351,7 +363,7 @@ def score_row(pipe: Pipeline, planned: PlannedRow, ref: np.ndarray, progress: bo
     if not per_seed:
         return None, None
     metrics = per_seed[0] if len(seeds) == 1 else _over_seeds(per_seed, seeds)
-    timing = time_sampler(pipe, sampler, settings)
+    timing = shared_timing(pipe, sampler, settings, planned.slug)
     row = Row(**{**row.__dict__, "n_samples": s.num_samples, **metrics, **timing})
     return row, np.stack([grid[i] for i in sorted(grid)])
 

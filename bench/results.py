@@ -97,6 +97,7 @@ class Row:
     end_to_end_overhead: float | None = field(default=None, metadata=JSON_ONLY)
     features_s_per_batch: float | None = field(default=None, metadata=JSON_ONLY)
     passes_per_image: float | None = field(default=None, metadata=JSON_ONLY)
+    timed_with: str | None = field(default=None, metadata=JSON_ONLY)   # the row whose timing this row shares
     # standard errors (bench.stats.standard_error reads them), SDs over seeds, each seed's values
     fid_se: float | None = field(default=None, metadata=JSON_ONLY)
     kid_mean_se: float | None = field(default=None, metadata=JSON_ONLY)

@@ -152,3 +152,18 @@ def test_masking_rate_is_t_over_T():
     x_t, mask = mask_tokens(x0, t, 64, mask_id=99, generator=torch.Generator().manual_seed(0))
     assert abs(mask.float().mean().item() - 0.25) < 0.005  # sd ~ 0.0007
     assert (x_t[mask] == 99).all() and (x_t[~mask] == 0).all()
+
+
+def test_rows_differing_only_in_temperature_share_one_timing(monkeypatch):
+    from types import SimpleNamespace
+    from bench import protocol
+    timed = []
+    monkeypatch.setattr(protocol, "time_sampler", lambda pipe, sampler, settings: timed.append(settings) or
+                        {"img_per_s": float(len(timed))})
+    pipe = SimpleNamespace(timings={})
+    rows = [SamplerSettings("absorbing", 16, 1.0), SamplerSettings("absorbing", 16, 0.8),
+            SamplerSettings("absorbing", 64, 0.8), SamplerSettings("absorbing", 16, 0.0),
+            SamplerSettings("absorbing", 16, 0.8, top_k=5)]
+    out = [protocol.shared_timing(pipe, None, r, r.slug()) for r in rows]
+    assert [o["timed_with"] for o in out] == [None, "absorbing-s16-t1", None, None, None]
+    assert [o["img_per_s"] for o in out] == [1.0, 1.0, 2.0, 3.0, 4.0] and len(timed) == 4

@@ -351,7 +351,7 @@ class Config:
 
     def execution(self, ds: DatasetConfig) -> str:
         """The speed switches a dataset runs under unless --execution says otherwise."""
-        return ds.execution or self.run.execution
+        return ds.execution if ds.execution is not None else self.run.execution
 
     def checkpoint_ref(self, ds: DatasetConfig, value: str, key: str) -> str:
         """A tokenizer or prior of bench.toml with ${VAR} and ~ expanded; `builtin:` names as written.

@@ -141,7 +141,11 @@ def _kid_one_kernel(fake, real, size: int, subsets: int, degree: int, coef0: flo
     K_XX, K_YY and K_XY are a.K.a, b.K.b and a.K.b (less the diagonals for the first two)."""
     n = len(fake)
     both = np.concatenate([fake, real])
-    kernel = (both @ both.T * (1.0 / both.shape[1]) + coef0) ** degree   # gamma = 1 / D, as torch-fidelity
+    # torch-fidelity's (X Y^T * gamma + coef0) ** degree, gamma = 1 / D, in place: one matrix in memory
+    kernel = both @ both.T
+    kernel *= 1.0 / both.shape[1]
+    kernel += coef0
+    kernel **= degree
     diagonal = np.diagonal(kernel)
     rng = np.random.RandomState(seed)
     mmds = []

@@ -462,7 +462,9 @@ def _run_rows(pipe: Pipeline, plan: list[PlannedRow], manifest: dict, store: Run
         store.created = True  # resuming: the folder and its manifest are there
 
     def before_first_write():
-        if main:  # sharded: the old run was removed already, other ranks may be writing
+        # one process: the folder appears with the first result, so --force discards the old run only
+        # then; a sharded run was created in run() already (begin does nothing twice)
+        if main:
             store.begin(manifest)
 
     s = pipe.settings

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import itertools
 import json
 import sys
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.checkpoints import atomic_write_bytes  # noqa: E402
 from bench.config import load_config, run_settings  # noqa: E402
 from bench.metrics import compute_metrics, density_coverage, fid_from_stats, fid_stats, precision_recall  # noqa: E402
 from bench.protocol import PlannedRow, load_pipeline, reference_features  # noqa: E402
@@ -61,11 +63,18 @@ def features_for(pipe, settings: SamplerSettings, seed: int, n: int, cache: Path
     made_by = hashlib.sha256(json.dumps([pipe.hashes, sampler.execution()], sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"{settings.slug()}-seed{seed}-n{n}-{made_by}.npy"
     if path.is_file():
-        return np.load(path)
+        try:  # a damaged file is drawn again
+            feats = np.load(path, allow_pickle=False)
+            if feats.shape == (n, pipe.extractor.dim) and np.isfinite(feats).all():
+                return feats
+        except (OSError, ValueError, EOFError):
+            pass
     t0 = time.perf_counter()
     tokens = generate(sampler, settings, seed, range(n), 250, pipe.device, progress=False)
     feats = np.concatenate([pipe.extractor(sampler.tokenizer.decode(tokens[i:i + 250])) for i in range(0, n, 250)])
-    np.save(path, feats)
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    atomic_write_bytes(path, buf.getvalue())
     print(f"  sampled {settings.label()} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return feats
 

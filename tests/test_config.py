@@ -5,6 +5,7 @@ import pytest
 
 from bench.config import DEFAULT_CONFIG, load_config
 from bench.errors import BenchError
+from bench.execution import Execution
 
 GOOD = DEFAULT_CONFIG.read_text()
 
@@ -30,6 +31,14 @@ def test_a_dataset_execution_is_the_default_that_execution_overrides():
     assert run_settings(cfg, "digits").execution.spec() == "skip-idle+head-where-drawn"
     assert run_settings(cfg, "digits", execution="plain").execution.spec() == "plain"
     assert cfg.execution(cfg.dataset("churches")) == cfg.run.execution == "plain"
+
+
+def test_an_empty_dataset_execution_means_plain_not_the_run_default(tmp_path):
+    text = GOOD.replace('execution = "plain"  ', 'execution = "bf16"  ', 1).replace(
+        'execution = "skip-idle+head-where-drawn"', 'execution = ""')
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.run.execution == "bf16" and cfg.execution(cfg.dataset("churches")) == "bf16"
+    assert Execution.parse(cfg.execution(cfg.dataset("digits"))).spec() == "plain"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -244,6 +244,12 @@ def test_calibration_script_runs_and_keys_its_cache_by_the_checkpoints(workdir):
     assert len(names) == 11 and all(re.fullmatch(r"[a-z0-9.-]+-seed\d-n12-[0-9a-f]{16}\.npy", n) for n in names)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0 and "sampled " not in again.stdout
+    damaged = workdir / "calib" / names[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated cache file is drawn again, alone
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stdout.count("sampled ") == 1 and len(np.load(damaged)) == 12
+    assert not [p for p in (workdir / "calib").iterdir() if p.suffix != ".npy"]  # no temporary files left
     seeds = json.loads((workdir / "calib.json").read_text())["absorbing-s8-t1-n12"]["seeds"]
     assert len(seeds) == 2 and all(0 <= s["fid_ci_low"] < s["fid_ci_high"] for s in seeds)
 
